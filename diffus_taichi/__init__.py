@@ -1,0 +1,25 @@
+"""diffus-taichi: differentiable B-mode ultrasound simulation from 3-D MRI volumes in Taichi.
+
+Data flow (one module per stage): volume -> acoustics -> pose/probe -> rays -> march -> echo ->
+image -> scan -> simulator (facade) -> cli.
+"""
+from .acoustics import AcousticMapping, TissueTable, get_mapping
+from .pose import Pose, matrix_to_rotvec, rotvec_to_matrix
+from .probe import PRESETS, Probe, get_probe
+from .volume import BUILTINS, Volume, load_nifti, load_volume, register_builtin
+
+__version__ = "0.1.0"
+
+__all__ = ["AcousticMapping", "TissueTable", "get_mapping", "Pose", "matrix_to_rotvec",
+           "rotvec_to_matrix", "PRESETS", "Probe", "get_probe", "BUILTINS", "Volume", "load_nifti",
+           "load_volume", "register_builtin", "Simulator", "layered_returns"]
+
+
+def __getattr__(name):   # lazy: importing the package does not start Taichi kernels
+    if name == "Simulator":
+        from .simulator import Simulator
+        return Simulator
+    if name == "layered_returns":
+        from .echo import layered_returns
+        return layered_returns
+    raise AttributeError(name)

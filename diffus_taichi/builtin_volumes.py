@@ -1,0 +1,183 @@
+"""Built-in volumes, chosen by name wherever a volume path is accepted.
+
+* ``brain`` (default): MNI ICBM152 2009a symmetric T1 template with grey/white matter, CSF,
+  bone and scalp fractions (``assets/brain_mni152_2009a.npz``; licence in assets/).
+* ``phantom``: analytic head phantom (ellipsoids: scalp, skull with a craniotomy window, CSF,
+  grey and white matter, ventricles, a tumour, a vessel) with known tissue labels;
+  ``phantom-noskull`` without scalp and skull.
+* ``uniform``: a homogeneous block of scattering brain tissue in water.
+
+Adding one is a few lines::
+
+    @register_builtin("wire")
+    def _wire():
+        return head_phantom(...)          # or any function returning a Volume
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from .acoustics import ASSETS
+from .pose import Pose
+from .volume import INTENSITY, Volume, register_builtin
+
+log = logging.getLogger(__name__)
+
+BRAIN_NPZ = os.path.join(ASSETS, "brain_mni152_2009a.npz")
+
+
+def surface_pose(vol: Volume, direction, lateral_hint, content=None, standoff_mm=1.0,
+                 threshold=0.5) -> Pose:
+    """Probe on the outer surface of ``content`` (default: sum of tissue channels), reached from
+    the content's centre along world ``direction``, looking back inwards (towards the centre)."""
+    if content is None:
+        content = vol.channels[..., [i for i, n in enumerate(vol.channel_names) if n != INTENSITY]].sum(-1)
+    idx = np.argwhere(content > threshold)
+    if len(idx) == 0:
+        raise ValueError(f"volume {vol.name!r}: no content to put a probe on")
+    centre = vol.voxel_to_world(idx.mean(0))
+    u = np.asarray(direction, dtype=np.float64)
+    u /= np.linalg.norm(u)
+    step = 0.25 * float(vol.spacing_mm.min())
+    last_inside = 0.0
+    for k in range(1, int(2000 / step)):
+        p = centre + k * step * u
+        ijk = np.rint(vol.world_to_index(p)).astype(int)
+        if np.any(ijk < 0) or np.any(ijk >= np.array(vol.shape)):
+            break
+        if content[tuple(ijk)] > threshold:
+            last_inside = k * step
+    origin = centre + (last_inside + standoff_mm) * u
+    return Pose.look_at(origin, -u, lateral_hint)
+
+
+# --------------------------------------------------------------------------------------------
+@register_builtin("brain")
+def brain() -> Volume:
+    """MNI ICBM152 2009a T1 + tissue fractions; default pose: right fronto-parietal craniotomy,
+    probe on the cortex looking inwards, coronal-ish image plane."""
+    if not os.path.exists(BRAIN_NPZ):
+        raise FileNotFoundError(f"built-in brain asset missing: {BRAIN_NPZ!r} "
+                                "(regenerate with `python assets/make_brain_asset.py`)")
+    with np.load(BRAIN_NPZ) as z:
+        names = [str(n) for n in z["channel_names"]]
+        t1 = z["t1"]
+        chans = [t1.astype(np.float32) / 255.0] + [z[n].astype(np.float32) / 255.0 for n in names]
+        affine = z["affine"].astype(np.float64)
+    data = np.stack(chans, axis=-1)
+    vol = Volume(data, affine, (INTENSITY, *names), name="brain",
+                 default_pose=Pose.from_vector(np.zeros(6)),
+                 meta={"source": "MNI ICBM152 2009a symmetric (see assets/LICENSE_MNI152.txt)"})
+    brain_mask = sum(vol.channel(n) for n in ("grey_matter", "white_matter") if n in names)
+    vol.default_pose = surface_pose(vol, direction=(0.55, -0.05, 0.83), lateral_hint=(0, 0, 1),
+                                    content=brain_mask, standoff_mm=0.5, threshold=0.3)
+    cut_craniotomy(vol, vol.default_pose.translation_mm, CRANIOTOMY_RADIUS_MM)
+    return vol
+
+
+CRANIOTOMY_RADIUS_MM = 30.0
+
+
+def cut_craniotomy(vol: Volume, centre_mm, radius_mm: float) -> None:
+    """Replace bone and scalp within ``radius_mm`` of ``centre_mm`` by coupling saline (in place)."""
+    idx = [i for i, n in enumerate(vol.channel_names) if n in ("cortical_bone", "scalp")]
+    if not idx:
+        return
+    c = vol.world_to_index(np.asarray(centre_mm, dtype=np.float64))
+    r_vox = radius_mm / vol.spacing_mm
+    lo = np.maximum(np.floor(c - r_vox).astype(int), 0)
+    hi = np.minimum(np.ceil(c + r_vox).astype(int) + 1, np.array(vol.shape))
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    inside = np.linalg.norm(vol.voxel_to_world(ijk) - np.asarray(centre_mm), axis=-1) < radius_mm
+    for i in idx:
+        vol.channels[sl + (i,)][inside] = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+PHANTOM_TISSUES = ("scalp", "cortical_bone", "csf", "grey_matter", "white_matter", "tumour", "blood")
+PHANTOM_T1 = {"water": 0.05, "scalp": 0.85, "cortical_bone": 0.08, "csf": 0.15, "grey_matter": 0.55,
+              "white_matter": 0.8, "tumour": 0.45, "blood": 0.65}
+
+
+def _ellipsoid_occupancy(X, Y, Z, centre, radii, h):
+    """Soft (partial-volume) occupancy 0..1 of an ellipsoid on a grid of spacing h (mm)."""
+    dx, dy, dz = X - centre[0], Y - centre[1], Z - centre[2]
+    q = np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2) + 1e-9
+    dist = np.sqrt(dx * dx + dy * dy + dz * dz) * (1.0 - 1.0 / q)   # approx. signed distance
+    return np.clip(0.5 - dist / h, 0.0, 1.0)
+
+
+def head_phantom(spacing_mm: float = 1.0, skull: bool = True, craniotomy_radius_mm: float = 25.0,
+                 tumour: bool = True, vessel: bool = True) -> Volume:
+    """Analytic head phantom centred on the world origin (x right, y anterior, z superior).
+
+    Tissue-fraction channels (PHANTOM_TISSUES) plus a synthetic T1-like intensity; ``labels``
+    holds the dominant tissue per voxel (0 = water). With ``skull``, scalp and bone have a
+    circular craniotomy window of the given radius at the vertex (+z)."""
+    h = float(spacing_mm)
+    ext = np.array([80.0, 100.0, 85.0])
+    axes = [np.arange(-e, e + h / 2, h) for e in ext]
+    X, Y, Z = np.meshgrid(*axes, indexing="ij")
+    frac = np.zeros(X.shape + (len(PHANTOM_TISSUES),), dtype=np.float32)
+    T = {n: i for i, n in enumerate(PHANTOM_TISSUES)}
+
+    def paint(tissue, occ):
+        nonlocal frac
+        occ = occ.astype(np.float32)[..., None]
+        frac *= (1.0 - occ)
+        frac[..., T[tissue]] += occ[..., 0]
+
+    head = np.array([72.0, 92.0, 78.0])
+    window = np.hypot(X, Y) < craniotomy_radius_mm
+    if skull:
+        paint("scalp", _ellipsoid_occupancy(X, Y, Z, (0, 0, 0), head, h) * ~(window & (Z > 0)))
+        paint("cortical_bone", _ellipsoid_occupancy(X, Y, Z, (0, 0, 0), head - 5, h) * ~(window & (Z > 0)))
+        # inside the skull: remove bone/scalp fractions (painted as CSF below)
+    paint("csf", _ellipsoid_occupancy(X, Y, Z, (0, 0, 0), head - 11, h))
+    paint("grey_matter", _ellipsoid_occupancy(X, Y, Z, (0, 0, 0), head - 13, h))
+    paint("white_matter", _ellipsoid_occupancy(X, Y, Z, (0, 0, 0), head - 19, h))
+    for sx in (-1, 1):   # lateral ventricles
+        paint("csf", _ellipsoid_occupancy(X, Y, Z, (sx * 9.0, 5.0, 12.0), (6.0, 25.0, 9.0), h))
+    if tumour:
+        paint("tumour", _ellipsoid_occupancy(X, Y, Z, (22.0, 10.0, 32.0), (9.0, 9.0, 9.0), h))
+    if vessel:   # a vessel running anterior-posterior
+        r = np.hypot(X + 18.0, Z - 38.0)
+        paint("blood", np.clip(0.5 - (r - 2.0) / h, 0, 1) * (np.abs(Y) < 60))
+    t1 = np.full(X.shape, PHANTOM_T1["water"], dtype=np.float32)
+    t1 = t1 * (1 - frac.sum(-1)) + sum(frac[..., T[n]] * PHANTOM_T1[n] for n in PHANTOM_TISSUES)
+    labels = np.where(frac.max(-1) > 1 - frac.sum(-1), frac.argmax(-1) + 1, 0).astype(np.int16)
+    affine = np.diag([h, h, h, 1.0])
+    affine[:3, 3] = [a[0] for a in axes]
+    data = np.concatenate([t1[..., None], frac], axis=-1)
+    vol = Volume(data, affine, (INTENSITY, *PHANTOM_TISSUES), name="phantom",
+                 default_pose=Pose.from_vector(np.zeros(6)), labels=labels,
+                 label_names=("water", *PHANTOM_TISSUES))
+    top = head[2] - 13 + 0.5
+    vol.default_pose = Pose.look_at((0.0, 0.0, top), (0, 0, -1), (1, 0, 0))
+    return vol
+
+
+@register_builtin("phantom")
+def _phantom() -> Volume:
+    return head_phantom()
+
+
+@register_builtin("phantom-noskull")
+def _phantom_noskull() -> Volume:
+    return head_phantom(skull=False)
+
+
+@register_builtin("uniform")
+def uniform_block(size_mm=(60.0, 20.0, 80.0), spacing_mm=1.0, tissue="white_matter") -> Volume:
+    """A homogeneous block of one tissue (default white matter) in water; probe at its top."""
+    shape = tuple(int(round(s / spacing_mm)) + 1 for s in size_mm)
+    frac = np.ones(shape + (1,), dtype=np.float32)
+    affine = np.diag([spacing_mm] * 3 + [1.0])
+    affine[:3, 3] = -np.asarray(size_mm) / 2
+    vol = Volume(frac, affine, (tissue,), name="uniform", default_pose=Pose.from_vector(np.zeros(6)))
+    vol.default_pose = Pose.look_at((0.0, 0.0, size_mm[2] / 2), (0, 0, -1), (1, 0, 0))
+    return vol

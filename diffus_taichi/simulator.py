@@ -1,0 +1,295 @@
+"""Renderer facade: volume -> acoustic properties -> rays (pose) -> march -> echo -> image
+formation -> scan conversion, with every stage held in preallocated Taichi fields.
+
+    sim = Simulator("brain", probe="craniotomy")
+    fan = sim.render()                  # (H, W) float32 in [0, 1], default pose
+    fan = sim.render(Pose.parse("10,0,5,0,0,0"))
+    st = sim.stages()                   # dict of every intermediate stage as numpy
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import taichi as ti
+
+from . import backend, echo, image, march, rays, scan
+from .acoustics import AcousticMapping, get_mapping
+from .pose import Pose
+from .probe import Probe, get_probe
+from .volume import Volume, load_volume
+
+log = logging.getLogger(__name__)
+
+ECHO_MODELS = ("primary", "layered", "reverb")
+
+
+@dataclass
+class ImagingSettings:
+    """Display chain. gain_db: added to 20 log10(envelope); dynamic_range_db: dB mapped to [0, 1];
+    tgc_db_per_cm: time-gain compensation slope (None: 1.2 dB/cm per MHz, the round trip of
+    0.6 dB/cm/MHz average soft tissue); noise_cell_mm: lattice of the tissue-fixed
+    scatterer field; speckle: scatterers on/off; seed: scatterer realisation."""
+
+    gain_db: float = 12.0
+    dynamic_range_db: float = 50.0
+    tgc_db_per_cm: float | None = None
+    speckle: bool = True
+    noise_cell_mm: float = 0.12
+    seed: int = 1
+
+    def validate(self):
+        for k in ("gain_db", "dynamic_range_db", "noise_cell_mm"):
+            v = getattr(self, k)
+            if not np.isfinite(v):
+                raise ValueError(f"{k} must be finite, got {v!r}")
+        if self.tgc_db_per_cm is not None and not np.isfinite(self.tgc_db_per_cm):
+            raise ValueError(f"tgc_db_per_cm must be finite, got {self.tgc_db_per_cm!r}")
+        if self.dynamic_range_db <= 0:
+            raise ValueError(f"dynamic_range_db must be > 0 dB, got {self.dynamic_range_db}")
+        if self.noise_cell_mm <= 0:
+            raise ValueError(f"noise_cell_mm must be > 0 mm, got {self.noise_cell_mm}")
+
+
+class Simulator:
+    """B-mode ultrasound simulator for one volume and probe.
+
+    Args:
+        volume: built-in name (``brain``, ``phantom``, ...), NIfTI path or :class:`Volume`.
+        probe: preset name (``craniotomy``, ``phased``, ``convex``, ``linear``) or :class:`Probe`.
+        mapping: ``auto`` | ``tissue`` | ``transfer`` | JSON file | :class:`AcousticMapping`.
+        echo_model: ``primary`` (default) | ``layered`` | ``reverb``.
+        arch: ``auto`` | ``cuda`` | ``vulkan`` | ``cpu`` (default ``$DIFFUS_ARCH`` or auto).
+        precision: ``f32`` | ``f64`` (f64: CPU/CUDA only).
+        requires_grad: allocate gradient fields (for ``ti.ad.Tape``).
+        **settings: fields of :class:`ImagingSettings`.
+    """
+
+    def __init__(self, volume="brain", probe="craniotomy", mapping="auto", echo_model="primary",
+                 arch=None, precision="f32", requires_grad=False, **settings):
+        t0 = time.perf_counter()
+        if echo_model not in ECHO_MODELS:
+            raise ValueError(f"echo_model must be one of {', '.join(ECHO_MODELS)}, got {echo_model!r}")
+        self.volume: Volume = load_volume(volume)
+        self.probe: Probe = probe if isinstance(probe, Probe) else get_probe(probe)
+        self.mapping: AcousticMapping = get_mapping(mapping, self.volume)
+        self.echo_model = echo_model
+        self.settings = ImagingSettings(**settings)
+        self.settings.validate()
+        self.arch = backend.ensure(arch, precision)
+        self.precision = precision
+        self.real = ti.f64 if precision == "f64" else ti.f32
+        self.requires_grad = requires_grad
+        self._np_real = np.float64 if precision == "f64" else np.float32
+        self._alloc()
+        self._upload_static()
+        self.last_pose = self.volume.default_pose
+        log.info("simulator ready: volume %s %s, probe %s %dx%d, %s, arch %s (%.2f s)",
+                 self.volume.name, self.volume.shape, self.probe.name, self.probe.n_lines,
+                 self.probe.n_samples, echo_model, self.arch, time.perf_counter() - t0)
+
+    # --- allocation ---------------------------------------------------------------------------
+    def _alloc(self):
+        real, g = self.real, self.requires_grad
+        v, p = self.volume, self.probe
+        NR, NS = p.n_lines, p.n_samples
+        H, W = p.image_px
+        self.vol = ti.Vector.field(v.n_channels, real, shape=v.shape)
+        self.w2v = ti.Matrix.field(4, 4, real, shape=())
+        self.gradT = ti.Matrix.field(3, 3, real, shape=())
+        self.pose = ti.field(real, shape=6, needs_grad=g)
+        self.line_o = ti.Vector.field(3, real, shape=NR)
+        self.line_d = ti.Vector.field(3, real, shape=NR)
+        self.ro, self.rd, self.vo, self.vd = (ti.Vector.field(3, real, shape=NR, needs_grad=g)
+                                              for _ in range(4))
+        rows, chan, self.table_names = self.mapping.table_arrays(v)
+        self.table = ti.field(real, shape=rows.shape, needs_grad=g)
+        self.chan_tissue = ti.field(ti.i32, shape=len(chan))
+        knots = self.mapping.knots if self.mapping.kind == "transfer" else np.zeros((2, 3))
+        self.tf = ti.field(real, shape=knots.shape, needs_grad=g)
+        self.tf_chan = v.intensity_index if self.mapping.kind == "transfer" else -1
+        self.props = ti.Vector.field(3, real, shape=v.shape, needs_grad=g)
+        self.outside = ti.Vector.field(3, real, shape=())
+
+        def f2(grad=g):
+            return ti.field(real, shape=(NR, NS), needs_grad=grad)
+
+        self.z, self.alpha, self.scat, self.cosw = f2(), f2(), f2(), f2()
+        self.logt, self.att2, self.cum, self.echo, self.gain = f2(), f2(), f2(), f2(), f2()
+        self.rf, self.iq_i, self.iq_q, self.env, self.bmode = f2(), f2(), f2(), f2(), f2()
+        if self.echo_model == "layered":
+            self.cumatt, self.ret, self.tr2 = f2(), f2(), f2()
+            self.sR, self.sRp, self.sP = f2(False), f2(False), f2(False)
+        if self.echo_model == "reverb":
+            self.trace, self.down, self.up = f2(), f2(False), f2(False)
+        ti_, tq = image.axial_taps(p)
+        self.K = (len(ti_) - 1) // 2
+        self.taps_i = ti.field(real, shape=len(ti_))
+        self.taps_q = ti.field(real, shape=len(tq))
+        lw = image.lateral_weights(p)
+        self.M = (lw.shape[1] - 1) // 2
+        self.lat_w = ti.field(real, shape=lw.shape)
+        self._taps = (ti_, tq, lw)
+        self.sc_base = ti.Vector.field(2, ti.i32, shape=(H, W))
+        self.sc_frac = ti.Vector.field(2, real, shape=(H, W))
+        self.fan = ti.field(real, shape=(H, W), needs_grad=g)
+
+    def _upload_static(self):
+        f = self._np_real
+        v, p = self.volume, self.probe
+        self.vol.from_numpy(v.channels.astype(f, copy=False))
+        A = v.world_to_voxel
+        self.w2v[None] = A.astype(f)
+        self.gradT[None] = A[:3, :3].T.astype(f)
+        o, d = p.line_geometry()
+        self.line_o.from_numpy(o.astype(f))
+        self.line_d.from_numpy(d.astype(f))
+        self.upload_mapping()
+        ti_, tq, lw = self._taps
+        self.taps_i.from_numpy(ti_.astype(f))
+        self.taps_q.from_numpy(tq.astype(f))
+        self.lat_w.from_numpy(lw.astype(f))
+        base, frac = scan.scan_lookup(p)
+        self.sc_base.from_numpy(base)
+        self.sc_frac.from_numpy(frac.astype(f))
+
+    def upload_mapping(self, mapping: AcousticMapping | None = None):
+        """(Re)load the tissue table / transfer knots into their Taichi fields."""
+        if mapping is not None:
+            mapping.check_volume(self.volume)
+            if mapping.kind != self.mapping.kind:
+                raise ValueError("cannot switch mapping kind on an existing Simulator")
+            self.mapping = mapping
+        rows, chan, _ = self.mapping.table_arrays(self.volume)
+        self.table.from_numpy(rows.astype(self._np_real))
+        self.chan_tissue.from_numpy(chan)
+        if self.mapping.kind == "transfer":
+            self.tf.from_numpy(np.asarray(self.mapping.knots, dtype=self._np_real))
+            self.outside[None] = self.mapping.knots[0].astype(self._np_real)
+        else:
+            self.outside[None] = rows[0].astype(self._np_real)
+        self.update_acoustics()
+
+    def update_acoustics(self):
+        """Recompute the acoustic-property volume from the channels and mapping fields."""
+        march.acoustic_volume(self.vol, self.table, self.chan_tissue, self.tf, self.tf_chan, self.props)
+
+    # --- rendering ----------------------------------------------------------------------------
+    def set_pose(self, pose: Pose | None = None):
+        pose = self.volume.default_pose if pose is None else pose
+        if not isinstance(pose, Pose):
+            pose = Pose.from_vector(pose)
+        self.last_pose = pose
+        self.pose.from_numpy(pose.as_vector().astype(self._np_real))
+        self._check_coverage(pose)
+        return pose
+
+    def _check_coverage(self, pose: Pose):
+        """Warn when no part of the fan lies inside the volume (the image is then empty)."""
+        o, d = self.probe.line_geometry()
+        sel = np.linspace(0, len(o) - 1, min(len(o), 33)).astype(int)
+        depths = np.linspace(0, self.probe.depth_mm, 65)
+        pts = o[sel, None, :] + depths[None, :, None] * d[sel, None, :]
+        inside = self.volume.contains_world(pose.probe_to_world(pts.reshape(-1, 3)))
+        self.coverage = float(inside.mean())
+        if not inside.any():
+            log.warning("probe pose %s: the fan lies entirely outside volume %r; the image is empty",
+                        pose.to_string(), self.volume.name)
+
+    def forward(self):
+        """Run every kernel for the pose already in ``self.pose`` (Tape-compatible; the
+        acoustic-property volume is computed by :meth:`update_acoustics`, outside the per-frame
+        path)."""
+        p, s = self.probe, self.settings
+        rays.make_rays(self.pose, self.line_o, self.line_d, self.w2v, self.ro, self.rd, self.vo, self.vd)
+        march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.gradT,
+                    p.sample_spacing_mm, s.noise_cell_mm, int(s.seed),
+                    self.z, self.alpha, self.scat, self.cosw)
+        np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
+        echo.step_terms(self.z, self.alpha, np_step, self.logt, self.att2)
+        spec = self.echo
+        if self.echo_model == "layered":
+            echo.exclusive_cumsum(self.att2, self.cumatt)
+            echo.layered_stack(self.z, self.ret, self.tr2, self.sR, self.sRp, self.sP)
+            echo.layered_combine(self.ret, self.tr2, self.cumatt, self.echo, self.gain)
+        else:
+            echo.exclusive_cumsum(self.logt, self.cum)
+            echo.primary_combine(self.z, self.cosw, self.cum, self.echo, self.gain)
+            if self.echo_model == "reverb":   # time-resolved trace replaces the primary echo
+                echo.reverb_fwd(self.z, self.alpha, np_step, self.down, self.up, self.trace)
+                spec = self.trace
+        scat = self.scat if s.speckle else self._zero_scat()
+        image.form_rf(spec, self.gain, scat, self.rf)
+        image.axial_iq(self.rf, self.taps_i, self.taps_q, self.K, self.iq_i, self.iq_q)
+        image.lateral_envelope(self.iq_i, self.iq_q, self.lat_w, self.M, self.env)
+        tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
+        image.log_compress(self.env, s.gain_db, tgc, s.dynamic_range_db, self.bmode)
+        scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
+
+    @property
+    def tgc_db_per_cm(self) -> float:
+        """Time-gain compensation slope in use (dB/cm)."""
+        t = self.settings.tgc_db_per_cm
+        return 1.2 * self.probe.frequency_mhz if t is None else float(t)
+
+    def _zero_scat(self):
+        if not hasattr(self, "_zeros"):
+            self._zeros = ti.field(self.real, shape=(self.probe.n_lines, self.probe.n_samples))
+        return self._zeros
+
+    def render(self, pose: Pose | None = None) -> np.ndarray:
+        """Fan image (H, W) float32 in [0, 1] (row 0 = shallowest) for ``pose`` (default: the
+        volume's default pose)."""
+        self.set_pose(pose)
+        self.forward()
+        return self.fan.to_numpy().astype(np.float32)
+
+    def stages(self) -> dict:
+        """Every stage of the last render as numpy arrays (lines x samples unless noted)."""
+        out = {
+            "ray_origin_mm": self.ro.to_numpy(), "ray_direction": self.rd.to_numpy(),
+            "impedance_MRayl": self.z.to_numpy(), "attenuation_dB_cm_MHz": self.alpha.to_numpy(),
+            "scatterers": self.scat.to_numpy(), "incidence_cos": self.cosw.to_numpy(),
+            "echo": (self.trace if self.echo_model == "reverb" else self.echo).to_numpy(),
+            "two_way_gain": self.gain.to_numpy(), "rf": self.rf.to_numpy(),
+            "iq_i": self.iq_i.to_numpy(), "iq_q": self.iq_q.to_numpy(),
+            "envelope": self.env.to_numpy(), "bmode_lines": self.bmode.to_numpy(),
+            "fan": self.fan.to_numpy(),
+        }
+        return out
+
+    def geometry(self) -> dict:
+        """Pose, probe and fan geometry of the last render (for saving with the stages)."""
+        x, z = self.probe.fan_axes_mm()
+        return {"pose_vector_mm_rad": self.last_pose.as_vector(), "pose_matrix": self.last_pose.matrix,
+                "fan_x_mm": x, "fan_z_mm": z, "sample_depth_mm": self.probe.sample_depths_mm(),
+                "line_angles_rad": self.probe.line_angles_rad(), "volume_affine": self.volume.affine}
+
+    def reslice(self, pose: Pose | None = None) -> np.ndarray:
+        """MRI (display channel) resliced on the fan pixel grid in the image plane: (H, W)."""
+        pose = self.last_pose if pose is None else pose
+        x, z = self.probe.fan_axes_mm()
+        X, Z = np.meshgrid(x, z)
+        pts = np.stack([X, np.zeros_like(X), Z], -1)
+        idx = self.volume.world_to_index(pose.probe_to_world(pts))
+        return sample_trilinear_np(self.volume.display_channel(), idx)
+
+
+def sample_trilinear_np(data: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Trilinear sample of a 3-D array at fractional indices (..., 3); 0 outside (NumPy)."""
+    shape = np.array(data.shape)
+    i0 = np.floor(idx).astype(np.int64)
+    f = idx - i0
+    out = np.zeros(idx.shape[:-1], dtype=np.float64)
+    for a in (0, 1):
+        for b in (0, 1):
+            for c in (0, 1):
+                ii = i0 + np.array([a, b, c])
+                ok = np.all((ii >= 0) & (ii < shape), axis=-1)
+                w = (f[..., 0] if a else 1 - f[..., 0]) * (f[..., 1] if b else 1 - f[..., 1]) \
+                    * (f[..., 2] if c else 1 - f[..., 2])
+                iic = np.clip(ii, 0, shape - 1)
+                out += np.where(ok, w * data[iic[..., 0], iic[..., 1], iic[..., 2]], 0.0)
+    return out
