@@ -87,6 +87,24 @@ def lateral_envelope(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.templat
         env[r, s] = ti.sqrt(ai * ai + aq * aq + 1e-24)
 
 
+def speckle_power_factor(taps_i, taps_q, lat_w) -> float:
+    """Expected |I + iQ|^2 per unit scatterer variance: value-noise variance (~0.3 for trilinear
+    interpolation of unit-variance lattice values) x axial tap energy x mean lateral tap energy."""
+    import numpy as np
+
+    return float(0.3 * (np.sum(taps_i ** 2) + np.sum(taps_q ** 2)) * np.mean(np.sum(lat_w ** 2, 1)))
+
+
+@ti.kernel
+def add_incoherent(env: ti.template(), gain: ti.template(), strength: ti.template(), c: float,
+                   out: ti.template()):
+    """Expected envelope of specular echo plus diffuse scattering of given strength:
+    out = sqrt(env^2 + c (gain strength)^2) (speckle-free, smooth in the pose)."""
+    for r, s in env:
+        d = gain[r, s] * strength[r, s]
+        out[r, s] = ti.sqrt(env[r, s] * env[r, s] + c * d * d)
+
+
 @ti.kernel
 def log_compress(env: ti.template(), gain_db: float, tgc_db_per_sample: float,
                  dynamic_range_db: float, bmode: ti.template()):

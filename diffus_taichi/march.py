@@ -124,12 +124,13 @@ def acoustic_volume(vol: ti.template(), table: ti.template(), chan_tissue: ti.te
 @ti.kernel
 def march(props: ti.template(), outside: ti.template(), vo: ti.template(), vd: ti.template(),
           ro: ti.template(), rd: ti.template(), gradT: ti.template(), step_mm: float,
-          noise_cell_mm: float, seed: ti.i32,
+          noise_cell_mm: float, seed: ti.i32, noise_on: ti.template(),
           z: ti.template(), alpha: ti.template(), scat: ti.template(), cosw: ti.template()):
     """Sample the acoustic-property volume at every (ray, sample).
 
     props (X, Y, Z) vec3 [MRayl, dB/cm/MHz, scattering]; outside () vec3 the background
     properties beyond the grid; gradT () 3x3 maps index-space gradients to world-mm gradients.
+    noise_on (static): scat = strength x tissue-fixed random value, else the strength alone.
     """
     for r, s in z:
         d_mm = s * step_mm
@@ -138,4 +139,7 @@ def march(props: ti.template(), outside: ti.template(), vo: ti.template(), vd: t
         cosw[r, s] = ti.abs(g.dot(rd[r])) / ti.sqrt(g.dot(g) + 1e-12)
         z[r, s] = prop[0]
         alpha[r, s] = prop[1]
-        scat[r, s] = prop[2] * tissue_noise(ro[r] + d_mm * rd[r], noise_cell_mm, seed)
+        if ti.static(noise_on):
+            scat[r, s] = prop[2] * tissue_noise(ro[r] + d_mm * rd[r], noise_cell_mm, seed)
+        else:   # scattering strength only (expected-intensity image formation)
+            scat[r, s] = prop[2]

@@ -53,6 +53,76 @@ def matrix_to_rotvec(R) -> np.ndarray:
     return k * th
 
 
+def quaternion_to_matrix(q) -> np.ndarray:
+    """Unit quaternion (w, x, y, z), scalar first -> rotation matrix (3, 3)."""
+    q = np.asarray(q, dtype=np.float64)
+    n = np.linalg.norm(q)
+    if q.shape != (4,) or not np.isfinite(n) or n < 1e-12:
+        raise ValueError(f"quaternion must be 4 finite values, not all zero; got {q}")
+    w, x, y, z = q / n
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def matrix_to_quaternion(R) -> np.ndarray:
+    """Rotation matrix -> unit quaternion (w, x, y, z) with w >= 0."""
+    w = matrix_to_rotvec(R)
+    th = float(np.linalg.norm(w))
+    if th < 1e-12:
+        return np.array([1.0, 0.0, 0.0, 0.0])
+    q = np.concatenate([[math.cos(th / 2)], math.sin(th / 2) * w / th])
+    return q if q[0] >= 0 else -q
+
+
+def euler_to_matrix(angles_rad) -> np.ndarray:
+    """Euler angles (a, b, c) in radians, convention 'xyz' extrinsic: rotate about world x by a,
+    then world y by b, then world z by c, i.e. R = Rz(c) @ Ry(b) @ Rx(a)."""
+    a, b, c = np.asarray(angles_rad, dtype=np.float64)
+    ca, sa, cb, sb, cc, sc = math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(c), math.sin(c)
+    Rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+    Ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    Rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+    return Rz @ Ry @ Rx
+
+
+def matrix_to_euler(R) -> np.ndarray:
+    """Inverse of :func:`euler_to_matrix` (b in [-pi/2, pi/2])."""
+    R = np.asarray(R, dtype=np.float64)
+    b = math.asin(float(np.clip(-R[2, 0], -1.0, 1.0)))
+    if abs(R[2, 0]) < 1 - 1e-10:
+        a = math.atan2(R[2, 1], R[2, 2])
+        c = math.atan2(R[1, 0], R[0, 0])
+    else:   # gimbal lock: only a - c (or a + c) is defined; put it all in a
+        c = 0.0
+        a = math.atan2(-R[1, 2], R[1, 1])
+    return np.array([a, b, c])
+
+
+def _V(w) -> np.ndarray:
+    th = float(np.linalg.norm(w))
+    K = _skew(w)
+    if th < 1e-8:
+        return np.eye(3) + 0.5 * K + K @ K / 6.0
+    return np.eye(3) + (1 - math.cos(th)) / th ** 2 * K + (th - math.sin(th)) / th ** 3 * (K @ K)
+
+
+def se3_exp(xi) -> np.ndarray:
+    """se(3) vector (rho (3,) mm, omega (3,) rad) -> 4x4 matrix (R = exp(omega), t = V rho)."""
+    xi = np.asarray(xi, dtype=np.float64)
+    M = np.eye(4)
+    M[:3, :3] = rotvec_to_matrix(xi[3:])
+    M[:3, 3] = _V(xi[3:]) @ xi[:3]
+    return M
+
+
+def se3_log(M) -> np.ndarray:
+    """4x4 matrix -> se(3) vector (rho mm, omega rad), inverse of :func:`se3_exp`."""
+    M = np.asarray(M, dtype=np.float64)
+    w = matrix_to_rotvec(M[:3, :3])
+    return np.concatenate([np.linalg.solve(_V(w), M[:3, 3]), w])
+
+
 def _check_rotation(R: np.ndarray) -> None:
     if not np.all(np.isfinite(R)):
         raise ValueError("pose matrix contains NaN or Inf")
@@ -157,6 +227,36 @@ class Pose:
     def as_vector(self) -> np.ndarray:
         """``[tx, ty, tz, wx, wy, wz]`` (mm, radians), float64 (6,)."""
         return np.array(self.translation_mm + self.rotvec_rad)
+
+    @classmethod
+    def from_quaternion(cls, translation_mm, q) -> "Pose":
+        """Translation (mm) + unit quaternion (w, x, y, z)."""
+        return cls(translation_mm, matrix_to_rotvec(quaternion_to_matrix(q)))
+
+    @classmethod
+    def from_euler(cls, translation_mm, angles_rad) -> "Pose":
+        """Translation (mm) + Euler angles 'xyz' extrinsic (radians), R = Rz Ry Rx."""
+        return cls(translation_mm, matrix_to_rotvec(euler_to_matrix(angles_rad)))
+
+    @classmethod
+    def from_se3(cls, xi) -> "Pose":
+        """se(3) log vector (rho mm, omega rad)."""
+        return cls.from_matrix(se3_exp(xi))
+
+    def as_quaternion(self) -> np.ndarray:
+        return matrix_to_quaternion(self.rotation)
+
+    def as_euler(self) -> np.ndarray:
+        return matrix_to_euler(self.rotation)
+
+    def as_se3(self) -> np.ndarray:
+        return se3_log(self.matrix)
+
+    def error_to(self, other: "Pose") -> tuple[float, float]:
+        """(translation error mm, rotation error degrees) between two poses."""
+        dt = float(np.linalg.norm(np.subtract(self.translation_mm, other.translation_mm)))
+        dR = self.rotation.T @ other.rotation
+        return dt, float(np.degrees(np.linalg.norm(matrix_to_rotvec(dR))))
 
     def to_string(self) -> str:
         """Inverse of :meth:`parse` (mm, degrees)."""

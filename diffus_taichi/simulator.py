@@ -31,12 +31,14 @@ class ImagingSettings:
     """Display chain. gain_db: added to 20 log10(envelope); dynamic_range_db: dB mapped to [0, 1];
     tgc_db_per_cm: time-gain compensation slope (None: 1.2 dB/cm per MHz, the round trip of
     0.6 dB/cm/MHz average soft tissue); noise_cell_mm: lattice of the tissue-fixed
-    scatterer field; speckle: scatterers on/off; seed: scatterer realisation."""
+    scatterer field; speckle: True/'coherent' (tissue-fixed scatterers summed coherently with the
+    pulse), 'mean' (their expected intensity: speckle-free, smooth in the pose; for coarse
+    registration levels) or False/'off'; seed: scatterer realisation."""
 
     gain_db: float = 12.0
     dynamic_range_db: float = 50.0
     tgc_db_per_cm: float | None = None
-    speckle: bool = True
+    speckle: "bool | str" = True
     noise_cell_mm: float = 0.12
     seed: int = 1
 
@@ -47,6 +49,8 @@ class ImagingSettings:
                 raise ValueError(f"{k} must be finite, got {v!r}")
         if self.tgc_db_per_cm is not None and not np.isfinite(self.tgc_db_per_cm):
             raise ValueError(f"tgc_db_per_cm must be finite, got {self.tgc_db_per_cm!r}")
+        if self.speckle not in (True, False, "coherent", "mean", "off"):
+            raise ValueError(f"speckle must be True/'coherent', 'mean' or False/'off', got {self.speckle!r}")
         if self.dynamic_range_db <= 0:
             raise ValueError(f"dynamic_range_db must be > 0 dB, got {self.dynamic_range_db}")
         if self.noise_cell_mm <= 0:
@@ -63,15 +67,27 @@ class Simulator:
         echo_model: ``primary`` (default) | ``layered`` | ``reverb``.
         arch: ``auto`` | ``cuda`` | ``vulkan`` | ``cpu`` (default ``$DIFFUS_ARCH`` or auto).
         precision: ``f32`` | ``f64`` (f64: CPU/CUDA only).
-        requires_grad: allocate gradient fields (for ``ti.ad.Tape``).
+        requires_grad: allocate gradient fields for ``ti.ad.Tape``: ``"pose"`` (pose only,
+            fastest), ``True`` (pose and acoustic mapping parameters) or ``False``.
+        share_volume_with: another Simulator on the same volume whose volume, mapping and
+            acoustic-property fields are reused (e.g. several probe resolutions, no extra memory).
         **settings: fields of :class:`ImagingSettings`.
     """
 
     def __init__(self, volume="brain", probe="craniotomy", mapping="auto", echo_model="primary",
-                 arch=None, precision="f32", requires_grad=False, **settings):
+                 arch=None, precision="f32", requires_grad=False, share_volume_with=None,
+                 **settings):
         t0 = time.perf_counter()
+        if requires_grad not in (False, True, "pose"):
+            raise ValueError(f"requires_grad must be False, True or 'pose', got {requires_grad!r}")
         if echo_model not in ECHO_MODELS:
             raise ValueError(f"echo_model must be one of {', '.join(ECHO_MODELS)}, got {echo_model!r}")
+        self._shared = share_volume_with
+        if share_volume_with is not None:
+            other = share_volume_with
+            if (other.precision, other.requires_grad is True) != (precision, requires_grad is True):
+                raise ValueError("share_volume_with: precision and mapping-gradient mode must match")
+            volume, mapping = other.volume, other.mapping
         self.volume: Volume = load_volume(volume)
         self.probe: Probe = probe if isinstance(probe, Probe) else get_probe(probe)
         self.mapping: AcousticMapping = get_mapping(mapping, self.volume)
@@ -92,26 +108,32 @@ class Simulator:
 
     # --- allocation ---------------------------------------------------------------------------
     def _alloc(self):
-        real, g = self.real, self.requires_grad
+        real, g = self.real, bool(self.requires_grad)
+        gm = self.requires_grad is True          # gradients w.r.t. the mapping too
         v, p = self.volume, self.probe
         NR, NS = p.n_lines, p.n_samples
         H, W = p.image_px
-        self.vol = ti.Vector.field(v.n_channels, real, shape=v.shape)
-        self.w2v = ti.Matrix.field(4, 4, real, shape=())
-        self.gradT = ti.Matrix.field(3, 3, real, shape=())
         self.pose = ti.field(real, shape=6, needs_grad=g)
         self.line_o = ti.Vector.field(3, real, shape=NR)
         self.line_d = ti.Vector.field(3, real, shape=NR)
         self.ro, self.rd, self.vo, self.vd = (ti.Vector.field(3, real, shape=NR, needs_grad=g)
                                               for _ in range(4))
         rows, chan, self.table_names = self.mapping.table_arrays(v)
-        self.table = ti.field(real, shape=rows.shape, needs_grad=g)
-        self.chan_tissue = ti.field(ti.i32, shape=len(chan))
-        knots = self.mapping.knots if self.mapping.kind == "transfer" else np.zeros((2, 3))
-        self.tf = ti.field(real, shape=knots.shape, needs_grad=g)
         self.tf_chan = v.intensity_index if self.mapping.kind == "transfer" else -1
-        self.props = ti.Vector.field(3, real, shape=v.shape, needs_grad=g)
-        self.outside = ti.Vector.field(3, real, shape=())
+        shared = ("vol", "w2v", "gradT", "table", "chan_tissue", "tf", "props", "outside")
+        if self._shared is not None:
+            for name in shared:
+                setattr(self, name, getattr(self._shared, name))
+        else:
+            self.vol = ti.Vector.field(v.n_channels, real, shape=v.shape)
+            self.w2v = ti.Matrix.field(4, 4, real, shape=())
+            self.gradT = ti.Matrix.field(3, 3, real, shape=())
+            self.table = ti.field(real, shape=rows.shape, needs_grad=gm)
+            self.chan_tissue = ti.field(ti.i32, shape=len(chan))
+            knots = self.mapping.knots if self.mapping.kind == "transfer" else np.zeros((2, 3))
+            self.tf = ti.field(real, shape=knots.shape, needs_grad=gm)
+            self.props = ti.Vector.field(3, real, shape=v.shape, needs_grad=gm)
+            self.outside = ti.Vector.field(3, real, shape=())
 
         def f2(grad=g):
             return ti.field(real, shape=(NR, NS), needs_grad=grad)
@@ -132,6 +154,8 @@ class Simulator:
         self.M = (lw.shape[1] - 1) // 2
         self.lat_w = ti.field(real, shape=lw.shape)
         self._taps = (ti_, tq, lw)
+        self.env_mean = f2()              # used by speckle='mean' only
+        self._speckle_c = image.speckle_power_factor(*self._taps)
         self.sc_base = ti.Vector.field(2, ti.i32, shape=(H, W))
         self.sc_frac = ti.Vector.field(2, real, shape=(H, W))
         self.fan = ti.field(real, shape=(H, W), needs_grad=g)
@@ -139,14 +163,15 @@ class Simulator:
     def _upload_static(self):
         f = self._np_real
         v, p = self.volume, self.probe
-        self.vol.from_numpy(v.channels.astype(f, copy=False))
-        A = v.world_to_voxel
-        self.w2v[None] = A.astype(f)
-        self.gradT[None] = A[:3, :3].T.astype(f)
+        if self._shared is None:
+            self.vol.from_numpy(v.channels.astype(f, copy=False))
+            A = v.world_to_voxel
+            self.w2v[None] = A.astype(f)
+            self.gradT[None] = A[:3, :3].T.astype(f)
+            self.upload_mapping()
         o, d = p.line_geometry()
         self.line_o.from_numpy(o.astype(f))
         self.line_d.from_numpy(d.astype(f))
-        self.upload_mapping()
         ti_, tq, lw = self._taps
         self.taps_i.from_numpy(ti_.astype(f))
         self.taps_q.from_numpy(tq.astype(f))
@@ -205,7 +230,7 @@ class Simulator:
         p, s = self.probe, self.settings
         rays.make_rays(self.pose, self.line_o, self.line_d, self.w2v, self.ro, self.rd, self.vo, self.vd)
         march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.gradT,
-                    p.sample_spacing_mm, s.noise_cell_mm, int(s.seed),
+                    p.sample_spacing_mm, s.noise_cell_mm, int(s.seed), self.speckle_mode != "mean",
                     self.z, self.alpha, self.scat, self.cosw)
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         echo.step_terms(self.z, self.alpha, np_step, self.logt, self.att2)
@@ -220,13 +245,23 @@ class Simulator:
             if self.echo_model == "reverb":   # time-resolved trace replaces the primary echo
                 echo.reverb_fwd(self.z, self.alpha, np_step, self.down, self.up, self.trace)
                 spec = self.trace
-        scat = self.scat if s.speckle else self._zero_scat()
+        scat = self.scat if self.speckle_mode == "coherent" else self._zero_scat()
         image.form_rf(spec, self.gain, scat, self.rf)
         image.axial_iq(self.rf, self.taps_i, self.taps_q, self.K, self.iq_i, self.iq_q)
         image.lateral_envelope(self.iq_i, self.iq_q, self.lat_w, self.M, self.env)
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
-        image.log_compress(self.env, s.gain_db, tgc, s.dynamic_range_db, self.bmode)
+        env = self.env
+        if self.speckle_mode == "mean":
+            image.add_incoherent(self.env, self.gain, self.scat, self._speckle_c, self.env_mean)
+            env = self.env_mean
+        image.log_compress(env, s.gain_db, tgc, s.dynamic_range_db, self.bmode)
         scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
+
+    @property
+    def speckle_mode(self) -> str:
+        """'coherent', 'mean' or 'off' (from ``settings.speckle``)."""
+        sp = self.settings.speckle
+        return {True: "coherent", False: "off"}.get(sp, sp)
 
     @property
     def tgc_db_per_cm(self) -> float:
@@ -275,6 +310,121 @@ class Simulator:
         pts = np.stack([X, np.zeros_like(X), Z], -1)
         idx = self.volume.world_to_index(pose.probe_to_world(pts))
         return sample_trilinear_np(self.volume.display_channel(), idx)
+
+    # --- losses and gradients -----------------------------------------------------------------
+    def fan_mask(self) -> np.ndarray:
+        """(H, W) bool: pixels inside the fan sector."""
+        return self.probe.scan_grid()[2]
+
+    def set_loss(self, target: np.ndarray, loss: str = "ncc", mask="fan", blur_px: float = 0.0,
+                 patch_px: int = 16) -> None:
+        """Compare every later render with ``target`` (H, W fan image in this probe's geometry).
+
+        mask: ``"fan"`` (inside the sector), None (all pixels) or an (H, W) array.
+        blur_px: Gaussian blur (sigma, fan pixels) applied to the render and the target."""
+        from . import losses
+
+        target = np.asarray(target, dtype=np.float64)
+        if target.shape != tuple(self.probe.image_px):
+            raise ValueError(f"target image shape {target.shape} != fan image shape "
+                             f"{tuple(self.probe.image_px)} of this probe")
+        m = self.fan_mask() if isinstance(mask, str) and mask == "fan" else mask
+        self._blur = None
+        if blur_px > 0:
+            taps = losses.gaussian_taps(blur_px)
+            tf_ = ti.field(self.real, shape=len(taps))
+            tf_.from_numpy(taps.astype(self._np_real))
+            H, W = self.probe.image_px
+            g = bool(self.requires_grad)
+            self._blur = (tf_, (len(taps) - 1) // 2, ti.field(self.real, shape=(H, W), needs_grad=g),
+                          ti.field(self.real, shape=(H, W), needs_grad=g))
+            target = losses.blur_np(target, blur_px)
+        self.loss_fn = losses.ImageLoss(loss, target, m, patch_px, self.real,
+                                        needs_grad=bool(self.requires_grad))
+
+    def _image_for_loss(self):
+        from . import losses
+
+        if self._blur is None:
+            return self.fan
+        taps, K, tmp, out = self._blur
+        losses._gauss_blur_x(self.fan, taps, K, tmp)
+        losses._gauss_blur_y(tmp, taps, K, out)
+        return out
+
+    def loss(self, pose: Pose | None = None) -> float:
+        """Loss of the render at ``pose`` against the target of :meth:`set_loss` (no gradient)."""
+        self.set_pose(pose)
+        self.loss_fn.reset()
+        self.forward()
+        self.loss_fn.compute(self._image_for_loss())
+        return float(self.loss_fn.value[None])
+
+    def value_and_grad(self, pose: Pose | None = None, target: np.ndarray | None = None,
+                       loss: str = "ncc", wrt=("pose",), **loss_kw):
+        """Loss and its gradients.
+
+        Returns (loss, grads) with grads["pose"] (6,) = d loss / d [tx, ty, tz (mm), wx, wy, wz
+        (rad)]; with ``"mapping" in wrt`` also grads["table"] (T, 3) (rows ``self.table_names``,
+        columns MRayl, dB/cm/MHz, scattering) and grads["knots"] (K, 3) for a transfer mapping.
+        ``target`` (optional) calls :meth:`set_loss` first."""
+        if not self.requires_grad:
+            raise RuntimeError("this Simulator was built with requires_grad=False")
+        if "mapping" in wrt and self.requires_grad is not True:
+            raise RuntimeError("mapping gradients need Simulator(requires_grad=True)")
+        if target is not None:
+            self.set_loss(target, loss, **loss_kw)
+        if not hasattr(self, "loss_fn"):
+            raise RuntimeError("no target: call set_loss(target, ...) or pass target=")
+        self.set_pose(pose)
+        self.loss_fn.reset()
+        with ti.ad.Tape(loss=self.loss_fn.value):
+            if "mapping" in wrt:
+                self.update_acoustics()
+            self.forward()
+            self.loss_fn.compute(self._image_for_loss())
+        return float(self.loss_fn.value[None]), self._grads(wrt)
+
+    def vjp(self, pose: Pose | None, fan_grad: np.ndarray, wrt=("pose",)) -> dict:
+        """Vector-Jacobian product: d(sum(fan * fan_grad)) / d parameters, for use inside other
+        optimisers (e.g. as the backward of a PyTorch/JAX custom function)."""
+        from . import losses
+
+        fan_grad = np.asarray(fan_grad, dtype=self._np_real)
+        if fan_grad.shape != tuple(self.probe.image_px):
+            raise ValueError(f"fan_grad shape {fan_grad.shape} != {tuple(self.probe.image_px)}")
+        if not hasattr(self, "_vjp_w"):
+            self._vjp_w = ti.field(self.real, shape=fan_grad.shape)
+            self._vjp_out = ti.field(self.real, shape=(), needs_grad=True)
+        self._vjp_w.from_numpy(fan_grad)
+        self.set_pose(pose)
+        with ti.ad.Tape(loss=self._vjp_out):
+            if "mapping" in wrt:
+                self.update_acoustics()
+            self.forward()
+            losses.weighted_sum(self.fan, self._vjp_w, self._vjp_out)
+        return self._grads(wrt)
+
+    def _grads(self, wrt) -> dict:
+        out = {"pose": self.pose.grad.to_numpy().astype(np.float64)}
+        if "mapping" in wrt:
+            out["table"] = self.table.grad.to_numpy().astype(np.float64)
+            if self.mapping.kind == "transfer":
+                out["knots"] = self.tf.grad.to_numpy().astype(np.float64)
+        return out
+
+    def set_mapping_params(self, table: np.ndarray | None = None, knots: np.ndarray | None = None):
+        """Write raw parameter arrays (as in :meth:`mapping_params`) into the Taichi fields and
+        recompute the acoustic-property volume."""
+        if table is not None:
+            self.table.from_numpy(np.asarray(table, dtype=self._np_real))
+        if knots is not None:
+            self.tf.from_numpy(np.asarray(knots, dtype=self._np_real))
+        self.update_acoustics()
+
+    def mapping_params(self) -> dict:
+        return {"table": self.table.to_numpy().astype(np.float64),
+                "knots": self.tf.to_numpy().astype(np.float64)}
 
 
 def sample_trilinear_np(data: np.ndarray, idx: np.ndarray) -> np.ndarray:
