@@ -10,17 +10,19 @@
   package's *NumPy* helpers only (probe geometry, ``mapping.table_arrays``, ``image.axial_taps``,
   ``image.lateral_weights``, ``scan.scan_lookup``), never a Taichi kernel.
 
-  Agreement with the Taichi CPU float64 render (brain volume, craniotomy probe, default pose,
-  512x512 fan, measured 2025 on the 2-core dev box): max |fan_numpy - fan_taichi_f64| =
-  6.7e-16 at 64x128 and 256x512 lines x samples.  Against the Taichi CPU float32
-  render the difference is ~3e-4 (f32 rounding through the log compression);
-  ``bench_render.py`` re-measures and prints both every run.
+  Agreement with the Taichi CPU float64 render (measured on the 2-core dev box, brain volume,
+  craniotomy probe, 512x512 fan, default pose and a moved pose): max |fan_numpy - fan_taichi_f64|
+  = 2.8e-12 at 64x128 and 1.3e-12 at 256x512 lines x samples (fan values in [0, 1]; every stage
+  from impedance to B-mode lines agrees to <= 3e-12, incidence cosine to 4e-10); transfer-function
+  mapping 1.6e-12; speckle off + custom TGC/seed/cell 3.6e-15. Against the Taichi float32 renders
+  (cpu and vulkan) the difference is 4e-4 .. 1.6e-3 (f32 rounding amplified by the log
+  compression). ``bench_render.py`` re-measures and prints these every run.
 
 * :func:`prototype_dense_returns`: the prior prototype's algorithm for the layered (all internal
   multiples, steady state) surface returns: one dense 2(n+1)-unknown linear solve per depth n,
   O(N^4) per ray. It equals ``diffus_taichi.layered_returns`` (Redheffer star product, O(N)):
-  measured max |dense - star| = 2.2e-16 on 200 random f64 profiles with N = 1..64 interfaces and
-  impedances 0.5..8 MRayl (tolerance 1e-9).
+  measured max |dense - star| = 5.6e-15 on 200 random f64 profiles with N = 1..64 interfaces and
+  impedances 0.5..8 MRayl (tolerance 1e-9; bench_render.py re-checks 48 profiles every run).
 
 No Taichi kernel is called and Taichi is not initialised here (the package modules imported for
 their NumPy helpers and constants do import taichi).

@@ -69,39 +69,67 @@ def weighted_sum(a: ti.template(), w: ti.template(), out: ti.template()):
         out[None] += a[I] * w[I]
 
 
+# Reductions run one image row per thread (rows in parallel, columns serial, accumulating into
+# a per-row slot), then over rows: a single global accumulator hit by every pixel is ~10x slower
+# on CPU (atomic contention), forward and backward.
 @ti.kernel
-def _mse(a: ti.template(), b: ti.template(), m: ti.template(), inv_n: float, loss: ti.template()):
-    for I in ti.grouped(a):
-        d = a[I] - b[I]
-        loss[None] += m[I] * d * d * inv_n
-
-
-@ti.kernel
-def _moments(a: ti.template(), m: ti.template(), bc: ti.template(), s: ti.template()):
-    """s[0] += m a, s[1] += m a^2, s[2] += bc a   (bc = centred, masked target)."""
-    for I in ti.grouped(a):
-        v = a[I]
-        s[0] += m[I] * v
-        s[1] += m[I] * v * v
-        s[2] += bc[I] * v
+def _mse_rows(a: ti.template(), b: ti.template(), m: ti.template(), rows: ti.template()):
+    for y in range(a.shape[0]):
+        for x in range(a.shape[1]):
+            d = a[y, x] - b[y, x]
+            rows[y, 0] += m[y, x] * d * d
 
 
 @ti.kernel
-def _ncc_final(s: ti.template(), inv_n: float, var_b: float, loss: ti.template()):
-    mu = s[0] * inv_n
-    var_a = s[1] * inv_n - mu * mu
-    loss[None] += 1.0 - s[2] * inv_n / ti.sqrt(ti.max(var_a, 0.0) * var_b + 1e-12)
+def _sum_rows(rows: ti.template(), k: ti.template(), s: ti.template()):
+    """s[j] += sum_y rows[y, j] for j < k."""
+    for y in range(rows.shape[0]):
+        for j in ti.static(range(k)):
+            s[j] += rows[y, j]
+
+
+@ti.kernel
+def _mse_final(s: ti.template(), inv_n: float, loss: ti.template()):
+    loss[None] += s[0] * inv_n
+
+
+@ti.kernel
+def _masked_sum_rows(a: ti.template(), m: ti.template(), rows: ti.template()):
+    for y in range(a.shape[0]):
+        for x in range(a.shape[1]):
+            rows[y, 0] += m[y, x] * a[y, x]
+
+
+@ti.kernel
+def _centred_rows(a: ti.template(), m: ti.template(), bc: ti.template(), s: ti.template(),
+                  inv_n: float, rows: ti.template()):
+    """Two-pass (centred) moments, accurate in f32: (a - mu)^2 and bc a per row."""
+    for y in range(a.shape[0]):
+        for x in range(a.shape[1]):
+            d = a[y, x] - s[0] * inv_n
+            rows[y, 1] += m[y, x] * d * d
+            rows[y, 2] += bc[y, x] * a[y, x]
+
+
+@ti.kernel
+def _ncc_final(s: ti.template(), t: ti.template(), inv_n: float, var_b: float, loss: ti.template()):
+    var_a = t[1] * inv_n
+    loss[None] += 1.0 - t[2] * inv_n / ti.sqrt(var_a * var_b + 1e-12)
 
 
 @ti.kernel
 def _patch_moments(a: ti.template(), m: ti.template(), bc: ti.template(), patch: ti.i32,
                    s: ti.template()):
-    for y, x in a:
-        p = ti.Vector([y // patch, x // patch])
-        v = a[y, x]
-        s[p, 0] += m[y, x] * v
-        s[p, 1] += m[y, x] * v * v
-        s[p, 2] += bc[y, x] * v
+    """One thread per patch, pixels serial: deterministic sums, no atomic contention."""
+    for py, px in ti.ndrange(s.shape[0], s.shape[1]):
+        for dy in range(patch):
+            for dx in range(patch):
+                y, x = py * patch + dy, px * patch + dx
+                if y < a.shape[0] and x < a.shape[1]:
+                    v = a[y, x]
+                    s[py, px, 0] += m[y, x] * v
+                    s[py, px, 1] += m[y, x] * v * v
+                    s[py, px, 2] += bc[y, x] * v
 
 
 @ti.kernel
@@ -128,20 +156,23 @@ def _grad_mag(a: ti.template(), g: ti.template()):
 @ti.kernel
 def _lc2_sums(a: ti.template(), g: ti.template(), m: ti.template(), b: ti.template(),
               patch: ti.i32, s: ti.template()):
-    """Per patch: normal equations of b ~ c1 a + c2 g + c3 (9 sums)."""
-    for y, x in a:
-        p = ti.Vector([y // patch, x // patch])
-        w = m[y, x]
-        va, vg, vb = a[y, x], g[y, x], b[y, x]
-        s[p, 0] += w * va * va
-        s[p, 1] += w * va * vg
-        s[p, 2] += w * va
-        s[p, 3] += w * vg * vg
-        s[p, 4] += w * vg
-        s[p, 5] += w * va * vb
-        s[p, 6] += w * vg * vb
-        s[p, 7] += w * vb
-        s[p, 8] += w
+    """Per patch (one thread each, pixels serial): normal equations of b ~ c1 a + c2 g + c3."""
+    for py, px in ti.ndrange(s.shape[0], s.shape[1]):
+        for dy in range(patch):
+            for dx in range(patch):
+                y, x = py * patch + dy, px * patch + dx
+                if y < a.shape[0] and x < a.shape[1]:
+                    w = m[y, x]
+                    va, vg, vb = a[y, x], g[y, x], b[y, x]
+                    s[py, px, 0] += w * va * va
+                    s[py, px, 1] += w * va * vg
+                    s[py, px, 2] += w * va
+                    s[py, px, 3] += w * vg * vg
+                    s[py, px, 4] += w * vg
+                    s[py, px, 5] += w * va * vb
+                    s[py, px, 6] += w * vg * vb
+                    s[py, px, 7] += w * vb
+                    s[py, px, 8] += w
 
 
 @ti.kernel
@@ -168,12 +199,49 @@ class ImageLoss:
         kind: mse | ncc | lncc | lc2; target: (H, W) array; mask: (H, W) bool/float or None
         (all pixels); patch_px: patch size for lncc/lc2; real: Taichi float type.
     Use ``loss.compute(field)`` inside a Tape; the value is ``loss.value[None]``.
+    ``set_target`` swaps the target (same shape) without allocating new fields.
     """
 
     def __init__(self, kind: str, target: np.ndarray, mask=None, patch_px: int = 16, real=ti.f32,
                  needs_grad: bool = True):
         if kind not in LOSSES:
             raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+        self.kind, self.patch = kind, int(patch_px)
+        self._npr = np.float64 if real == ti.f64 else np.float32
+        arrays = self._prepare(target, mask)
+        H, W = self.shape
+        # allocate every field first (one Taichi SNode tree), then upload
+        self.value = ti.field(real, shape=(), needs_grad=needs_grad)
+        self._const = {k: ti.field(real, shape=v.shape) for k, v in arrays.items()}
+        if kind in ("mse", "ncc"):
+            self.rows = ti.field(real, shape=(H, 3), needs_grad=needs_grad)
+            self.rows2 = ti.field(real, shape=(H, 3), needs_grad=needs_grad)
+            self.s = ti.field(real, shape=3, needs_grad=needs_grad)
+            self.t = ti.field(real, shape=3, needs_grad=needs_grad)
+        else:
+            PH, PW = arrays["w"].shape
+            self.s = ti.field(real, shape=(PH, PW, 9 if kind == "lc2" else 3), needs_grad=needs_grad)
+            if kind == "lc2":
+                self.g = ti.field(real, shape=(H, W), needs_grad=needs_grad)
+        for k, f in self._const.items():
+            setattr(self, k, f)
+        self._upload(arrays)
+
+    def set_target(self, target: np.ndarray, mask=None) -> None:
+        """New target (and mask) of the same shape, reusing the fields."""
+        shape = self.shape
+        arrays = self._prepare(target, mask)
+        if self.shape != shape or any(arrays[k].shape != f.shape for k, f in self._const.items()):
+            raise ValueError(f"set_target: shape {self.shape} differs from {shape}")
+        self._upload(arrays)
+
+    def _upload(self, arrays: dict) -> None:
+        for k, v in arrays.items():
+            self._const[k].from_numpy(np.asarray(v, dtype=self._npr))
+
+    def _prepare(self, target, mask) -> dict:
+        """Target-only statistics (NumPy). Sets shape, inv_n (and var_b for ncc)."""
+        kind = self.kind
         target = np.asarray(target, dtype=np.float64)
         if target.ndim != 2:
             raise ValueError(f"target image must be 2-D (H, W), got shape {target.shape}")
@@ -184,35 +252,24 @@ class ImageLoss:
             raise ValueError(f"mask shape {m.shape} != target shape {target.shape}")
         if m.sum() < 4:
             raise ValueError("loss mask selects fewer than 4 pixels")
-        self.kind, self.shape, self.patch = kind, target.shape, int(patch_px)
-        npr = np.float64 if real == ti.f64 else np.float32
+        self.shape = target.shape
         H, W = target.shape
-
-        def fld(arr=None, shape=(H, W)):
-            f = ti.field(real, shape=shape)
-            if arr is not None:
-                f.from_numpy(np.asarray(arr, dtype=npr))
-            return f
-
-        self.value = ti.field(real, shape=(), needs_grad=needs_grad)
-        self.m = fld(m)
         n = float(m.sum())
         self.inv_n = 1.0 / n
+        out = {"m": m}
         if kind == "mse":
-            self.b = fld(target)
+            out["b"] = target
         elif kind == "ncc":
             mu_b = (m * target).sum() / n
             bc = m * (target - mu_b)
             self.var_b = float((bc * (target - mu_b)).sum() / n)
             if self.var_b <= 0:
                 raise ValueError("target image is constant inside the mask: NCC undefined")
-            self.bc = fld(bc)
-            self.s = ti.field(real, shape=3, needs_grad=needs_grad)
+            out["bc"] = bc
         else:
             P = self.patch
             PH, PW = -(-H // P), -(-W // P)
-            pad = np.zeros((PH * P, PW * P))
-            mp, tp = pad.copy(), pad.copy()
+            mp, tp = np.zeros((PH * P, PW * P)), np.zeros((PH * P, PW * P))
             mp[:H, :W], tp[:H, :W] = m, target
             mp4 = mp.reshape(PH, P, PW, P)
             tp4 = tp.reshape(PH, P, PW, P)
@@ -226,26 +283,29 @@ class ImageLoss:
                                  "texture: cannot compute a local similarity")
             var = np.where(valid, var, 1.0)
             if kind == "lncc":
-                w = valid / valid.sum()
-                bc = (mp4 * (tp4 - np.nan_to_num(mu)[:, None, :, None])).reshape(PH * P, PW * P)[:H, :W]
-                self.bc = fld(bc)
-                self.n = fld(np.maximum(cnt, 1), (PH, PW))
+                out["w"] = valid / valid.sum()
+                out["bc"] = (mp4 * (tp4 - np.nan_to_num(mu)[:, None, :, None])).reshape(
+                    PH * P, PW * P)[:H, :W]
+                out["n"] = np.maximum(cnt, 1)
             else:
-                w = valid * var / (valid * var).sum()
-                self.b = fld(target)
-                self.sbb = fld((mp4 * tp4 ** 2).sum((1, 3)), (PH, PW))
-                self.g = ti.field(real, shape=(H, W), needs_grad=needs_grad)
-            self.var_b = fld(var, (PH, PW))
-            self.w = fld(w.astype(np.float64), (PH, PW))
-            self.s = ti.field(real, shape=(PH, PW, 9 if kind == "lc2" else 3), needs_grad=needs_grad)
+                out["w"] = valid * var / (valid * var).sum()
+                out["b"] = target
+                out["sbb"] = (mp4 * tp4 ** 2).sum((1, 3))
+            out["var_b"] = var
+        return out
 
     def compute(self, a) -> None:
         """Launch the loss kernels on image field ``a`` (accumulates into ``self.value``)."""
         if self.kind == "mse":
-            _mse(a, self.b, self.m, self.inv_n, self.value)
+            _mse_rows(a, self.b, self.m, self.rows)
+            _sum_rows(self.rows, 1, self.s)
+            _mse_final(self.s, self.inv_n, self.value)
         elif self.kind == "ncc":
-            _moments(a, self.m, self.bc, self.s)
-            _ncc_final(self.s, self.inv_n, self.var_b, self.value)
+            _masked_sum_rows(a, self.m, self.rows)
+            _sum_rows(self.rows, 1, self.s)
+            _centred_rows(a, self.m, self.bc, self.s, self.inv_n, self.rows2)
+            _sum_rows(self.rows2, 3, self.t)
+            _ncc_final(self.s, self.t, self.inv_n, self.var_b, self.value)
         elif self.kind == "lncc":
             _patch_moments(a, self.m, self.bc, self.patch, self.s)
             _lncc_final(self.s, self.n, self.var_b, self.w, self.value)
@@ -257,5 +317,6 @@ class ImageLoss:
     def reset(self) -> None:
         """Zero the accumulators (needed when evaluating without a Tape, which zeroes them)."""
         self.value[None] = 0
-        if hasattr(self, "s"):
-            self.s.fill(0)
+        for name in ("s", "t", "rows", "rows2"):
+            if hasattr(self, name):
+                getattr(self, name).fill(0)

@@ -2,7 +2,7 @@
 it along every ray, with tissue-fixed scatterer amplitudes.
 
 Per sample (r, s) it writes, all with shape (n_lines, n_samples):
-  z      acoustic impedance (MRayl)
+  z      acoustic impedance minus echo.Z_REF (MRayl; deviations keep f32 precision)
   alpha  attenuation (dB/cm/MHz)
   scat   scatterer amplitude = scattering strength x tissue-fixed random value (dimensionless)
   cosw   |cos| of the angle between the ray and the impedance-gradient normal (0..1)
@@ -10,6 +10,8 @@ Outside the volume the background tissue (coupling water) is assumed.
 """
 
 import taichi as ti
+
+from .echo import Z_REF
 
 
 @ti.func
@@ -84,40 +86,32 @@ def tissue_noise(x, cell_mm, seed):
     return acc
 
 
-@ti.func
-def tf_eval(tf: ti.template(), v):
-    """Piecewise-linear transfer function with K uniform knots on [0, 1]: value (3,), slope (3,)."""
-    K = tf.shape[0]
-    x = ti.min(ti.max(v, 0.0), 1.0) * (K - 1)
-    i = ti.min(ti.cast(ti.floor(x), ti.i32), K - 2)
-    f = x - i
-    lo = ti.Vector([tf[i, 0], tf[i, 1], tf[i, 2]])
-    hi = ti.Vector([tf[i + 1, 0], tf[i + 1, 1], tf[i + 1, 2]])
-    slope = (hi - lo) * (K - 1)
-    if v < 0.0 or v > 1.0:
-        slope = ti.Vector.zero(float, 3)
-    return lo + f * (hi - lo), slope
-
-
 @ti.kernel
 def acoustic_volume(vol: ti.template(), table: ti.template(), chan_tissue: ti.template(),
                     tf: ti.template(), tf_chan: ti.template(), props: ti.template()):
-    """Per voxel: channels (C,) -> [Z MRayl, alpha dB/cm/MHz, scattering] (3,).
+    """Per voxel: channels (C,) -> [Z - Z_REF (MRayl), alpha dB/cm/MHz, scattering] (3,).
 
     table (T, 3) rows with row 0 the background tissue; chan_tissue (C,) row per channel or -1;
     tf (K, 3) transfer-function knots, used instead of the table when tf_chan >= 0 (static)."""
     for I in ti.grouped(vol):
         ch = ti.cast(vol[I], float)
         prop = ti.Vector.zero(float, 3)
+        ref = ti.Vector([Z_REF, 0.0, 0.0])
         if ti.static(tf_chan >= 0):
-            prop, _ = tf_eval(tf, ch[tf_chan])
+            K = tf.shape[0]
+            x = ti.min(ti.max(ch[tf_chan], 0.0), 1.0) * (K - 1)
+            i = ti.min(ti.cast(ti.floor(x), ti.i32), K - 2)
+            f = x - i
+            for c in ti.static(range(3)):   # deviation first: (lo - ref) + f (hi - lo)
+                prop[c] = (tf[i, c] - ref[c]) + f * (tf[i + 1, c] - tf[i, c])
         else:
-            bg = ti.Vector([table[0, 0], table[0, 1], table[0, 2]])
-            prop = bg
+            for c in ti.static(range(3)):
+                prop[c] = table[0, c] - ref[c]
             for c in ti.static(range(vol.n)):
                 t = chan_tissue[c]
                 if t >= 0:
-                    prop += ch[c] * (ti.Vector([table[t, 0], table[t, 1], table[t, 2]]) - bg)
+                    prop += ch[c] * (ti.Vector([table[t, 0], table[t, 1], table[t, 2]])
+                                     - ti.Vector([table[0, 0], table[0, 1], table[0, 2]]))
         props[I] = prop
 
 
@@ -132,14 +126,15 @@ def march(props: ti.template(), outside: ti.template(), vo: ti.template(), vd: t
     properties beyond the grid; gradT () 3x3 maps index-space gradients to world-mm gradients.
     noise_on (static): scat = strength x tissue-fixed random value, else the strength alone.
     """
-    for r, s in z:
-        d_mm = s * step_mm
-        prop, gidx = trilinear(props, vo[r] + d_mm * vd[r], outside[None])
-        g = gradT[None] @ gidx                                      # dZ / d world mm
-        cosw[r, s] = ti.abs(g.dot(rd[r])) / ti.sqrt(g.dot(g) + 1e-12)
-        z[r, s] = prop[0]
-        alpha[r, s] = prop[1]
-        if ti.static(noise_on):
-            scat[r, s] = prop[2] * tissue_noise(ro[r] + d_mm * rd[r], noise_cell_mm, seed)
-        else:   # scattering strength only (expected-intensity image formation)
-            scat[r, s] = prop[2]
+    for r in range(z.shape[0]):          # rays in parallel, samples serial: the backward pass
+        for s in range(z.shape[1]):      # accumulates ro/rd.grad[r] without contention
+            d_mm = s * step_mm
+            prop, gidx = trilinear(props, vo[r] + d_mm * vd[r], outside[None])
+            g = gradT[None] @ gidx                                      # dZ / d world mm
+            cosw[r, s] = ti.abs(g.dot(rd[r])) / ti.sqrt(g.dot(g) + 1e-12)
+            z[r, s] = prop[0]
+            alpha[r, s] = prop[1]
+            if ti.static(noise_on):
+                scat[r, s] = prop[2] * tissue_noise(ro[r] + d_mm * rd[r], noise_cell_mm, seed)
+            else:   # scattering strength only (expected-intensity image formation)
+                scat[r, s] = prop[2]

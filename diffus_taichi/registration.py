@@ -1,23 +1,37 @@
 """Gradient-based probe pose search: recover where an ultrasound image was taken.
 
-Coarse-to-fine over probe resolutions (fewer lines/samples and blurred images first), Adam or
-L-BFGS on x = [tx, ty, tz (mm), wx, wy, wz (degrees, rotation vector)], multi-start at the
-coarsest level, stopping on stalled improvement, with a progress bar.
+Coarse-to-fine over probe resolutions (fewer lines/samples, smaller and blurred images first),
+Adam (default) or L-BFGS on a local pose increment, multi-start at the coarsest level, stopping
+on stalled improvement, with a progress bar on stderr.
 
-    res = register("brain", target_image, init_pose, probe="craniotomy", loss="ncc")
-    res.pose, res.to_dict()
+The optimised variable is ``x = [ux, uy, uz (mm), ax, ay, az (degrees)]``: a translation along
+the axes of a reference probe pose and a rotation vector in that probe frame about a pivot on the
+probe axis (default: half the imaging depth, the middle of the fan). Rotating about the middle of
+the image rather than the probe face decouples rotation from translation (a tilt about the face
+sweeps the deep part of the image sideways), and the local chart has no singularity whatever the
+absolute orientation. Gradients come from :meth:`Simulator.value_and_grad` (world translation and
+rotation vector) through the Jacobian of this chart.
+
+    res = register("brain", target_image, init_pose, probe="craniotomy")
+    res.pose, res.errors(), res.to_dict()
+
+Levels render with ``speckle='mean'`` (expected intensity: no speckle, smooth in the pose); with
+coherent speckle the gradient at coarse sampling is dominated by aliased speckle, and a final
+coherent level did not improve the accuracy in the benchmark (benchmarks/bench_pose_search.py).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .pose import Pose
+from .pose import Pose, matrix_to_rotvec, rotvec_to_matrix
 from .probe import Probe, get_probe
 from .progress import Progress
 
@@ -28,18 +42,20 @@ DEG = math.pi / 180.0
 
 @dataclass(frozen=True)
 class Level:
-    """One resolution level: probe lines/samples/pixels scaled by ``scale``; Gaussian blur of
-    render and target (fan pixels of this level); at most ``iters`` iterations; ``speckle`` of
-    the render: 'mean' (expected intensity, smooth in the pose) or 'coherent'."""
+    """One resolution level: probe lines/samples/pixels scaled by ``scale``; Gaussian blur
+    (sigma, in fan pixels of this level) of render and target; at most ``iters`` evaluations;
+    ``speckle`` of the render: 'mean' (expected intensity, smooth in the pose), 'coherent' or
+    'off'; ``lr``: Adam step-size factor (x ``lr_mm`` / ``lr_deg`` of the search)."""
 
     scale: float = 1.0
     blur_px: float = 0.0
     iters: int = 30
     speckle: str = "mean"
+    lr: float = 1.0
 
 
-DEFAULT_LEVELS = (Level(0.25, 2.0, 60), Level(0.5, 2.0, 40), Level(1.0, 2.0, 30),
-                  Level(1.0, 0.5, 20, "coherent"))
+DEFAULT_LEVELS = (Level(0.25, 2.0, 60, "mean", 1.0), Level(0.5, 1.5, 30, "mean", 0.3))
+DEFAULT_LOSS = "ncc"
 
 
 @dataclass
@@ -62,8 +78,9 @@ class SearchResult:
         d = {"pose": self.pose.to_string(), "pose_vector_mm_rad": self.pose.as_vector().tolist(),
              "pose_matrix": self.pose.matrix.tolist(), "loss": self.loss,
              "loss_history": [float(v) for v in self.loss_history],
-             "level_of_iteration": self.level_of_iteration, "iterations": self.iterations,
-             "seconds": self.seconds, "start_losses": self.start_losses}
+             "level_of_iteration": [int(v) for v in self.level_of_iteration],
+             "iterations": self.iterations, "seconds": self.seconds,
+             "start_losses": [float(v) for v in self.start_losses]}
         if self.init_pose is not None:
             d["init_pose"] = self.init_pose.to_string()
         if self.true_pose is not None:
@@ -77,7 +94,9 @@ class SearchResult:
             json.dump(self.to_dict(), fh, indent=2)
 
 
+# --- pose chart ---------------------------------------------------------------------------------
 def _x_of(pose: Pose) -> np.ndarray:
+    """Absolute [tx, ty, tz (mm), wx, wy, wz (deg)] of a pose (kept for callers of 0.x)."""
     v = pose.as_vector()
     return np.r_[v[:3], v[3:] / DEG]
 
@@ -86,6 +105,48 @@ def _pose_of(x: np.ndarray) -> Pose:
     return Pose.from_vector(np.r_[x[:3], x[3:] * DEG])
 
 
+def _closest_rep(w: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Of the rotation vectors w and w - 2 pi w/|w| (the same rotation), the one nearer ``ref``."""
+    th = float(np.linalg.norm(w))
+    if th < math.pi - 0.5:
+        return w
+    alt = w * (1.0 - 2.0 * math.pi / th)
+    return alt if np.linalg.norm(alt - ref) < np.linalg.norm(w - ref) else w
+
+
+class _Frame:
+    """Local chart around a reference pose: x = [u (mm, probe axes), a (deg, probe-frame rotation
+    vector about the pivot (0, 0, pivot_mm))] -> pose vector [t (mm), w (rad)]."""
+
+    def __init__(self, ref: Pose, pivot_mm: float):
+        self.R0 = ref.rotation
+        self.t0 = np.asarray(ref.translation_mm, dtype=np.float64)
+        self.c = np.array([0.0, 0.0, float(pivot_mm)])
+        self.w0 = np.asarray(ref.rotvec_rad, dtype=np.float64)
+
+    def vec(self, x, ref_w=None) -> np.ndarray:
+        Ra = rotvec_to_matrix(np.asarray(x[3:], dtype=np.float64) * DEG)
+        R = self.R0 @ Ra
+        t = self.t0 + self.R0 @ (self.c - Ra @ self.c + np.asarray(x[:3], dtype=np.float64))
+        w = _closest_rep(matrix_to_rotvec(R), self.w0 if ref_w is None else ref_w)
+        return np.r_[t, w]
+
+    def pose(self, x) -> Pose:
+        return Pose.from_vector(self.vec(x))
+
+    def vec_and_jac(self, x, h=1e-4) -> tuple[np.ndarray, np.ndarray]:
+        """Pose vector at x and its Jacobian d vec / d x (6 x 6; central differences, float64)."""
+        x = np.asarray(x, dtype=np.float64)
+        v = self.vec(x)
+        J = np.empty((6, 6))
+        for k in range(6):
+            e = np.zeros(6)
+            e[k] = h
+            J[:, k] = (self.vec(x + e, v[3:]) - self.vec(x - e, v[3:])) / (2 * h)
+        return v, J
+
+
+# --- targets ------------------------------------------------------------------------------------
 def resample_fan(img: np.ndarray, probe_from: Probe, probe_to: Probe) -> np.ndarray:
     """Bilinear resampling of a fan image between two probes of the same geometry but different
     pixel grids (mm coordinates; 0 outside)."""
@@ -103,38 +164,201 @@ def resample_fan(img: np.ndarray, probe_from: Probe, probe_to: Probe) -> np.ndar
     return np.where(ok, out, 0.0)
 
 
+def _retarget(lf, target: np.ndarray, mask: np.ndarray, npr) -> None:
+    """Put a new target into an existing losses.ImageLoss (same kind, shape, mask and patch) in
+    place. Re-creating the loss allocates new Taichi fields, and kernels taking fields as
+    templates are compiled again for every new field (about 1 s per level per search)."""
+    if hasattr(lf, "set_target"):
+        lf.set_target(target)
+        return
+    target = np.asarray(target, dtype=np.float64)
+    if not np.all(np.isfinite(target)):
+        raise ValueError("target image contains NaN or Inf")
+    m = np.asarray(mask, dtype=np.float64)
+    n = float(m.sum())
+    if lf.kind == "mse":
+        lf.b.from_numpy(target.astype(npr))
+        return
+    if lf.kind == "ncc":
+        mu_b = (m * target).sum() / n
+        bc = m * (target - mu_b)
+        var_b = float((bc * (target - mu_b)).sum() / n)
+        if var_b <= 0:
+            raise ValueError("target image is constant inside the mask: NCC undefined")
+        lf.var_b = var_b
+        lf.bc.from_numpy(bc.astype(npr))
+        return
+    H, W = target.shape
+    P = lf.patch
+    PH, PW = -(-H // P), -(-W // P)
+    mp, tp = np.zeros((PH * P, PW * P)), np.zeros((PH * P, PW * P))
+    mp[:H, :W], tp[:H, :W] = m, target
+    mp4, tp4 = mp.reshape(PH, P, PW, P), tp.reshape(PH, P, PW, P)
+    cnt = mp4.sum((1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu = (mp4 * tp4).sum((1, 3)) / cnt
+        var = (mp4 * (tp4 - mu[:, None, :, None]) ** 2).sum((1, 3)) / cnt
+    valid = (cnt >= 0.5 * P * P) & (var > 1e-6)
+    if not valid.any():
+        raise ValueError(f"no {P}x{P} patch of the target has both mask coverage and texture: "
+                         "cannot compute a local similarity")
+    var = np.where(valid, var, 1.0)
+    if lf.kind == "lncc":
+        w = valid / valid.sum()
+        bc = (mp4 * (tp4 - np.nan_to_num(mu)[:, None, :, None])).reshape(PH * P, PW * P)[:H, :W]
+        lf.bc.from_numpy(bc.astype(npr))
+    else:
+        w = valid * var / (valid * var).sum()
+        lf.b.from_numpy(target.astype(npr))
+        lf.sbb.from_numpy((mp4 * tp4 ** 2).sum((1, 3)).astype(npr))
+    lf.var_b.from_numpy(var.astype(npr))
+    lf.w.from_numpy(w.astype(npr))
+
+
+# --- optimisers ---------------------------------------------------------------------------------
+class _Adam:
+    """Adam with a cosine step decay (to 10 %) over ``iters`` and stall detection; resumable."""
+
+    def __init__(self, x, lr, iters, patience, rel_tol):
+        self.x = np.array(x, dtype=np.float64)
+        self.lr, self.iters, self.patience, self.rel_tol = lr, max(1, iters), patience, rel_tol
+        self.m, self.v, self.t = np.zeros(6), np.zeros(6), 0
+        self.best_x, self.best_l, self.since = self.x.copy(), math.inf, 0
+        self.done = False
+
+    def run(self, ev, n):
+        """At most ``n`` more evaluations ``ev(x) -> (loss, grad)``."""
+        for _ in range(n):
+            if self.done or self.t >= self.iters:
+                self.done = True
+                break
+            loss, g = ev(self.x)
+            if loss < self.best_l - self.rel_tol * abs(self.best_l):
+                self.since = 0
+            else:
+                self.since += 1
+            if loss < self.best_l:
+                self.best_x, self.best_l = self.x.copy(), loss
+            if self.since >= self.patience:
+                self.done = True
+                break
+            self.t += 1
+            self.m = 0.9 * self.m + 0.1 * g
+            self.v = 0.999 * self.v + 0.001 * g * g
+            mh, vh = self.m / (1 - 0.9 ** self.t), self.v / (1 - 0.999 ** self.t)
+            decay = 0.5 * (1 + math.cos(math.pi * (self.t - 1) / self.iters))
+            self.x = self.x - self.lr * (0.1 + 0.9 * decay) * mh / (np.sqrt(vh) + 1e-12)
+        return self.best_x, self.best_l
+
+
+def _lbfgs(ev, x, iters, lr, rel_tol, mem=6):
+    """L-BFGS with Armijo backtracking; ``lr`` (mm, deg) scales the variables."""
+    S, Y = [], []
+    loss, g = ev(x)
+    n_ev = 1
+    scale = lr
+    best_x, best_l = x.copy(), loss
+    while n_ev < iters:
+        q = g * scale
+        alphas = []
+        for s, y in reversed(list(zip(S, Y))):
+            a = (s @ q) / (y @ s)
+            alphas.append(a)
+            q = q - a * y * scale
+        if S:
+            s, y = S[-1], Y[-1]
+            q = q * (s @ y) / (y @ (y * scale))
+        for (s, y), a in zip(zip(S, Y), reversed(alphas)):
+            b = (y @ q) / (y @ s)
+            q = q + s * (a - b)
+        d = -q
+        if not S or g @ d >= 0:
+            d = -g * scale / (np.abs(g * scale).max() + 1e-12) * lr
+            S, Y = [], []
+        step, done = 1.0, False
+        for _ in range(6):
+            xn = x + step * d
+            ln, gn = ev(xn)
+            n_ev += 1
+            if ln < best_l:
+                best_x, best_l = xn.copy(), ln
+            if ln <= loss + 1e-4 * step * (g @ d):
+                done = True
+                break
+            step *= 0.4
+            if n_ev >= iters:
+                break
+        if not done:
+            break
+        s, y = xn - x, gn - g
+        if s @ y > 1e-12:
+            S.append(s)
+            Y.append(y)
+            S, Y = S[-mem:], Y[-mem:]
+        rel = (loss - ln) / max(abs(loss), 1e-12)
+        x, loss, g = xn, ln, gn
+        if rel < rel_tol * 0.1:
+            break
+    return best_x, best_l
+
+
+# --- search -------------------------------------------------------------------------------------
 class PoseSearch:
-    """Pose search for one volume, probe and echo model; reusable for many targets.
+    """Pose search for one volume, probe and echo model; reusable for many targets (building the
+    level simulators and compiling their kernels takes seconds; later searches do not).
 
     Args:
-        volume, probe, mapping, echo_model, arch, **sim_kwargs: as for :class:`Simulator`.
+        volume, probe, mapping, echo_model, arch, **sim_kwargs: as for :class:`Simulator`
+            (``speckle`` is set per level).
         loss: mse | ncc | lncc | lc2. levels: coarse-to-fine :class:`Level` list.
-        optimizer: ``adam`` or ``lbfgs``. lr_mm / lr_deg: Adam step sizes at the first level
-        (halved at each finer level).
+        optimizer: ``adam`` or ``lbfgs``. lr_mm / lr_deg: Adam step sizes (x ``Level.lr``).
+        patience / rel_tol: stop a level after ``patience`` evaluations without a relative loss
+            improvement of ``rel_tol``.
+        n_starts: starts at the coarsest level: the initial pose plus ``n_starts - 1`` random
+            poses within +-start_mm (probe axes) and +-start_deg (probe-frame rotation vector
+            about the pivot) of it; each runs ``screen_iters`` evaluations, the ``keep`` best
+            continue through the coarsest level, the best of those through the finer levels.
+        pivot_mm: depth of the rotation centre on the probe axis (default: half the depth).
     """
 
-    def __init__(self, volume="brain", probe="craniotomy", loss="ncc", levels=DEFAULT_LEVELS,
+    def __init__(self, volume="brain", probe="craniotomy", loss=DEFAULT_LOSS, levels=DEFAULT_LEVELS,
                  optimizer="adam", lr_mm=1.0, lr_deg=1.0, mapping="auto", echo_model="primary",
-                 arch=None, patience=8, rel_tol=1e-3, **sim_kwargs):
+                 arch=None, patience=8, rel_tol=1e-3, n_starts=1, start_mm=8.0, start_deg=8.0,
+                 keep=2, screen_iters=10, pivot_mm=None, **sim_kwargs):
+        from .losses import LOSSES
         from .simulator import Simulator
 
         if optimizer not in ("adam", "lbfgs"):
             raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        if not levels:
+            raise ValueError("levels: need at least one Level")
+        for lv in levels:
+            if not (0 < lv.scale <= 1) or lv.iters < 1 or lv.blur_px < 0:
+                raise ValueError(f"bad level {lv}: need 0 < scale <= 1, iters >= 1, blur_px >= 0")
+        if int(n_starts) < 1 or int(keep) < 1:
+            raise ValueError("n_starts and keep must be >= 1")
         self.probe = probe if isinstance(probe, Probe) else get_probe(probe)
         self.loss_kind, self.levels, self.optimizer = loss, tuple(levels), optimizer
         self.lr = np.array([lr_mm] * 3 + [lr_deg] * 3, dtype=np.float64)
-        self.patience, self.rel_tol = patience, rel_tol
+        self.patience, self.rel_tol = int(patience), float(rel_tol)
+        self.n_starts, self.start_mm, self.start_deg = int(n_starts), float(start_mm), float(start_deg)
+        self.keep, self.screen_iters = int(keep), int(screen_iters)
+        self.pivot_mm = 0.5 * self.probe.depth_mm if pivot_mm is None else float(pivot_mm)
+        sim_kwargs.pop("speckle", None)
+        self._sim_kwargs = dict(mapping=mapping, echo_model=echo_model, arch=arch, **sim_kwargs)
         self.sims = []
         first = None
-        sim_kwargs.pop("speckle", None)
         for lv in self.levels:
-            p = self.level_probe(lv)
-            sim = Simulator(volume if first is None else None, probe=p, mapping=mapping,
-                            echo_model=echo_model, arch=arch, requires_grad="pose",
+            sim = Simulator(volume if first is None else None, probe=self.level_probe(lv),
+                            mapping=mapping, echo_model=echo_model, arch=arch, requires_grad="pose",
                             share_volume_with=first, speckle=lv.speckle, **sim_kwargs)
             first = first or sim
             self.sims.append(sim)
         self.volume = first.volume
+        self._render_sim = None
+        self._loss_key = [None] * len(self.levels)
 
     def level_probe(self, lv: Level) -> Probe:
         p = self.probe
@@ -145,141 +369,151 @@ class PoseSearch:
                        n_samples=max(16, int(round(p.n_samples * lv.scale))),
                        image_px=(max(16, int(round(H * lv.scale))), max(16, int(round(W * lv.scale)))))
 
+    def describe(self) -> dict:
+        """Settings, for logs and benchmark records."""
+        return {"loss": self.loss_kind, "optimizer": self.optimizer, "levels": [asdict(lv) for lv in self.levels],
+                "level_probes": [[s.probe.n_lines, s.probe.n_samples, *s.probe.image_px] for s in self.sims],
+                "lr_mm_deg": self.lr[[0, 3]].tolist(), "patience": self.patience,
+                "rel_tol": self.rel_tol, "n_starts": self.n_starts, "start_mm": self.start_mm,
+                "start_deg": self.start_deg, "keep": self.keep, "screen_iters": self.screen_iters,
+                "pivot_mm": self.pivot_mm}
+
+    @property
+    def render_sim(self):
+        """Full-resolution, coherent-speckle, gradient-free simulator sharing the volume."""
+        if self._render_sim is None:
+            from .simulator import Simulator
+
+            kw = {k: v for k, v in self._sim_kwargs.items() if k != "mapping"}
+            self._render_sim = Simulator(None, probe=self.probe, requires_grad=False,
+                                         share_volume_with=self.sims[0], speckle=True, **kw)
+        return self._render_sim
+
     def render(self, pose: Pose) -> np.ndarray:
         """Full-resolution render with coherent speckle (the probe given to the constructor)."""
-        sim = self.sims[-1]
-        old = sim.settings.speckle
-        sim.settings.speckle = True
-        try:
-            return sim.render(pose)
-        finally:
-            sim.settings.speckle = old
+        return self.render_sim.render(pose)
 
-    # --- optimisers ---------------------------------------------------------------------------
-    def _eval(self, sim, x):
-        loss, g = sim.value_and_grad(_pose_of(x))
-        gx = np.r_[g["pose"][:3], g["pose"][3:] * DEG]
-        return loss, gx
-
-    def _adam(self, sim, x, iters, lr, hist, bar, level_idx):
-        m, v = np.zeros(6), np.zeros(6)
-        best_x, best_l, since = x.copy(), math.inf, 0
-        for it in range(iters):
-            loss, g = self._eval(sim, x)
-            hist.append((loss, level_idx))
-            bar.update(1, loss=loss)
-            if loss < best_l - self.rel_tol * abs(best_l):
-                since = 0
-            else:
-                since += 1
-            if loss < best_l:
-                best_x, best_l = x.copy(), loss
-            if since >= self.patience:
-                break
-            m = 0.9 * m + 0.1 * g
-            v = 0.999 * v + 0.001 * g * g
-            mh, vh = m / (1 - 0.9 ** (it + 1)), v / (1 - 0.999 ** (it + 1))
-            decay = 0.5 * (1 + math.cos(math.pi * it / max(1, iters)))
-            x = x - lr * (0.1 + 0.9 * decay) * mh / (np.sqrt(vh) + 1e-12)
-        return best_x, best_l
-
-    def _lbfgs(self, sim, x, iters, lr, hist, bar, level_idx, mem=6):
-        S, Y = [], []
-        loss, g = self._eval(sim, x)
-        hist.append((loss, level_idx))
-        scale = lr            # unit-free preconditioner: mm and degrees steps of ~lr
-        for it in range(iters):
-            q = g * scale
-            alphas = []
-            for s, y in reversed(list(zip(S, Y))):
-                a = (s @ q) / (y @ s)
-                alphas.append(a)
-                q = q - a * y * scale
-            if S:
-                s, y = S[-1], Y[-1]
-                q = q * (s @ y) / (y @ (y * scale))
-            for (s, y), a in zip(zip(S, Y), reversed(alphas)):
-                b = (y @ q) / (y @ s)
-                q = q + s * (a - b)
-            d = -q
-            if not S:
-                d = -g * scale / (np.abs(g * scale).max() + 1e-12) * lr
-            if g @ d >= 0:
-                d = -g * scale / (np.abs(g * scale).max() + 1e-12) * lr
-                S, Y = [], []
-            step, done = 1.0, False
-            for _ in range(6):
-                xn = x + step * d
-                ln, gn = self._eval(sim, xn)
-                hist.append((ln, level_idx))
-                bar.update(1, loss=ln)
-                if ln <= loss + 1e-4 * step * (g @ d):
-                    done = True
-                    break
-                step *= 0.4
-            if not done:
-                break
-            s, y = xn - x, gn - g
-            if s @ y > 1e-12:
-                S.append(s)
-                Y.append(y)
-                S, Y = S[-mem:], Y[-mem:]
-            rel = (loss - ln) / max(abs(loss), 1e-12)
-            x, loss, g = xn, ln, gn
-            if rel < self.rel_tol * 0.1:
-                break
-        return x, loss
-
-    # --- search ------------------------------------------------------------------------------
-    def run(self, target: np.ndarray, init_pose: Pose, n_starts: int = 1, start_mm: float = 5.0,
-            start_deg: float = 5.0, seed: int = 0, true_pose: Pose | None = None,
-            mask="fan", progress: bool | None = None) -> SearchResult:
-        """Search from ``init_pose`` (plus ``n_starts - 1`` random starts within ±start_mm,
-        ±start_deg per axis) for the pose whose render best matches ``target`` (fan image of the
-        full-resolution probe)."""
+    def set_target(self, target: np.ndarray, mask="fan") -> None:
+        """Load ``target`` (fan image of the full-resolution probe) into every level's loss."""
         target = np.asarray(target, dtype=np.float64)
         if target.shape != tuple(self.probe.image_px):
-            raise ValueError(f"target image shape {target.shape} != probe fan {self.probe.image_px}")
+            raise ValueError(f"target image shape {target.shape} != probe fan image shape "
+                             f"{tuple(self.probe.image_px)}")
+        if not np.all(np.isfinite(target)):
+            raise ValueError("target image contains NaN or Inf")
+        for li, (lv, sim) in enumerate(zip(self.levels, self.sims)):
+            tgt = target if sim.probe == self.probe else resample_fan(target, self.probe, sim.probe)
+            m = sim.fan_mask() if isinstance(mask, str) and mask == "fan" else mask
+            if m is not None and not (isinstance(mask, str) and mask == "fan"):
+                m = np.asarray(m)
+                if m.shape != target.shape:
+                    raise ValueError(f"mask shape {m.shape} != target shape {target.shape}")
+                if sim.probe != self.probe:
+                    m = resample_fan(m.astype(np.float64), self.probe, sim.probe) > 0.5
+            key = (self.loss_kind, lv.blur_px, "fan" if isinstance(mask, str) else id(mask))
+            if self._loss_key[li] == key and key[2] == "fan":
+                from .losses import blur_np
+
+                _retarget(sim.loss_fn, blur_np(tgt, lv.blur_px),
+                          np.ones(tgt.shape) if m is None else m, sim._np_real)
+            else:
+                sim.set_loss(tgt, self.loss_kind, mask=m, blur_px=lv.blur_px)
+                self._loss_key[li] = key
+
+    def warmup(self, target: np.ndarray) -> None:
+        """Compile every level's kernels (forward and gradient) once, e.g. before timing."""
+        self.set_target(target)
+        pose = self.volume.default_pose
+        for sim in self.sims:
+            sim.value_and_grad(pose)
+            sim.loss(pose)
+
+    # --- search ---------------------------------------------------------------------------------
+    def run(self, target: np.ndarray, init_pose: Pose, n_starts: int | None = None,
+            start_mm: float | None = None, start_deg: float | None = None, seed: int = 0,
+            true_pose: Pose | None = None, mask="fan", progress: bool | None = None) -> SearchResult:
+        """Search from ``init_pose`` (plus ``n_starts - 1`` random starts within ±start_mm,
+        ±start_deg per probe axis; defaults from the constructor) for the pose whose render best
+        matches ``target`` (fan image of the full-resolution probe)."""
+        n_starts = self.n_starts if n_starts is None else int(n_starts)
+        start_mm = self.start_mm if start_mm is None else float(start_mm)
+        start_deg = self.start_deg if start_deg is None else float(start_deg)
+        if n_starts < 1:
+            raise ValueError(f"n_starts must be >= 1, got {n_starts}")
         t0 = time.perf_counter()
+        self.set_target(target, mask)
         rng = np.random.default_rng(seed)
-        x0 = _x_of(init_pose)
-        starts = [x0] + [x0 + rng.uniform(-1, 1, 6) * np.r_[[start_mm] * 3, [start_deg] * 3]
-                         for _ in range(max(0, n_starts - 1))]
-        hist = []
-        total = sum(lv.iters for lv in self.levels) + (len(starts) - 1) * self.levels[0].iters
-        if self.optimizer == "lbfgs":
-            total *= 2
-        step = self._lbfgs if self.optimizer == "lbfgs" else self._adam
-        start_losses = []
+        spread = np.r_[[start_mm] * 3, [start_deg] * 3]
+        starts = [np.zeros(6)] + [rng.uniform(-1, 1, 6) * spread for _ in range(n_starts - 1)]
+        hist, start_losses = [], []
+        lv0 = self.levels[0]
+        keep = min(self.keep, n_starts)
+        screen = min(self.screen_iters, lv0.iters) if n_starts > 1 else 0
+        total = (n_starts * screen + keep * (lv0.iters - screen) + sum(lv.iters for lv in self.levels[1:]))
+        frame = _Frame(init_pose, self.pivot_mm)
+
         with Progress(total, "pose search", enabled=progress) as bar:
-            best = None
-            for li, (lv, sim) in enumerate(zip(self.levels, self.sims)):
-                tgt = target if sim.probe is self.probe else resample_fan(target, self.probe, sim.probe)
-                sim.set_loss(tgt, self.loss_kind, mask=mask, blur_px=lv.blur_px)
-                lr = self.lr * 0.5 ** li
-                if li == 0:
-                    cands = []
-                    for xs in starts:
-                        xb, lb = step(sim, xs.copy(), lv.iters, lr, hist, bar, li)
-                        cands.append((lb, xb))
-                        start_losses.append(float(lb))
-                    best = min(cands, key=lambda c: c[0])[1]
+            def evaluator(sim, fr, li):
+                def ev(x):
+                    v, J = fr.vec_and_jac(x)
+                    loss, g = sim.value_and_grad(Pose.from_vector(v))
+                    hist.append((loss, li))
+                    bar.update(1, loss=loss)
+                    return loss, J.T @ g["pose"]
+                return ev
+
+            # level 0: screen the starts, continue the best ``keep``
+            ev0 = evaluator(self.sims[0], frame, 0)
+            lr0 = self.lr * lv0.lr
+            if self.optimizer == "adam":
+                runs = [_Adam(xs, lr0, lv0.iters, self.patience, self.rel_tol) for xs in starts]
+                if n_starts > 1:
+                    for r in runs:
+                        r.run(ev0, screen)
+                        start_losses.append(float(r.best_l))
+                    runs = sorted(runs, key=lambda r: r.best_l)[:keep]
+                for r in runs:
+                    r.run(ev0, lv0.iters)
+                    if n_starts == 1:
+                        start_losses.append(float(r.best_l))
+                best = min(runs, key=lambda r: r.best_l)
+                x_best, l_best = best.best_x, best.best_l
+            else:
+                cands = []
+                for xs in starts:
+                    xb, lb = _lbfgs(ev0, xs.copy(), screen or lv0.iters, lr0, self.rel_tol)
+                    cands.append((lb, xb))
+                    start_losses.append(float(lb))
+                cands = sorted(cands, key=lambda c: c[0])[:keep]
+                if n_starts > 1:
+                    cands = [_lbfgs(ev0, xb, lv0.iters - screen, lr0, self.rel_tol)[::-1] for _, xb in cands]
+                l_best, x_best = min(cands, key=lambda c: c[0])
+            pose = frame.pose(x_best)
+
+            # finer levels: re-centre the chart on the current pose
+            for li in range(1, len(self.levels)):
+                lv, sim = self.levels[li], self.sims[li]
+                fr = _Frame(pose, self.pivot_mm)
+                ev = evaluator(sim, fr, li)
+                lr = self.lr * lv.lr
+                if self.optimizer == "adam":
+                    xb, l_best = _Adam(np.zeros(6), lr, lv.iters, self.patience, self.rel_tol).run(ev, lv.iters)
                 else:
-                    best, _ = step(sim, best, lv.iters, lr, hist, bar, li)
-            final_loss = self.sims[-1].loss(_pose_of(best))
-        res = SearchResult(pose=_pose_of(best), loss=float(final_loss),
+                    xb, l_best = _lbfgs(ev, np.zeros(6), lv.iters, lr, self.rel_tol)
+                pose = fr.pose(xb)
+        res = SearchResult(pose=pose, loss=float(l_best),
                            loss_history=[h[0] for h in hist], level_of_iteration=[h[1] for h in hist],
                            iterations=len(hist), seconds=time.perf_counter() - t0,
                            start_losses=start_losses, true_pose=true_pose, init_pose=init_pose)
         if true_pose is not None:
             et, er = res.errors()
-            log.info("pose search: %d iterations, %.2f s, error %.3f mm / %.3f deg",
+            log.info("pose search: %d evaluations, %.2f s, error %.3f mm / %.3f deg",
                      res.iterations, res.seconds, et, er)
         return res
 
 
-def register(volume, target: np.ndarray, init_pose: Pose, probe="craniotomy", loss="ncc",
-             n_starts: int = 1, **kw) -> SearchResult:
+def register(volume, target: np.ndarray, init_pose: Pose, probe="craniotomy", loss=DEFAULT_LOSS,
+             n_starts: int | None = None, **kw) -> SearchResult:
     """One-call pose search (see :class:`PoseSearch`)."""
     run_kw = {k: kw.pop(k) for k in ("start_mm", "start_deg", "seed", "true_pose", "mask", "progress")
               if k in kw}

@@ -141,11 +141,13 @@ class Simulator:
         self.z, self.alpha, self.scat, self.cosw = f2(), f2(), f2(), f2()
         self.logt, self.att2, self.cum, self.echo, self.gain = f2(), f2(), f2(), f2(), f2()
         self.rf, self.iq_i, self.iq_q, self.env, self.bmode = f2(), f2(), f2(), f2(), f2()
+        self.lat_i, self.lat_q = f2(), f2()
         if self.echo_model == "layered":
             self.cumatt, self.ret, self.tr2 = f2(), f2(), f2()
             self.sR, self.sRp, self.sP = f2(False), f2(False), f2(False)
         if self.echo_model == "reverb":
-            self.trace, self.down, self.up = f2(), f2(False), f2(False)
+            self.trace = f2()
+            self.reverb_scratch = echo.ReverbScratch(NR, NS, real, grad=g)   # checkpoints if g
         ti_, tq = image.axial_taps(p)
         self.K = (len(ti_) - 1) // 2
         self.taps_i = ti.field(real, shape=len(ti_))
@@ -192,10 +194,15 @@ class Simulator:
         self.chan_tissue.from_numpy(chan)
         if self.mapping.kind == "transfer":
             self.tf.from_numpy(np.asarray(self.mapping.knots, dtype=self._np_real))
-            self.outside[None] = self.mapping.knots[0].astype(self._np_real)
+            self.set_outside(self.mapping.knots[0])
         else:
-            self.outside[None] = rows[0].astype(self._np_real)
+            self.set_outside(rows[0])
         self.update_acoustics()
+
+    def set_outside(self, props) -> None:
+        """Acoustic properties [MRayl, dB/cm/MHz, scattering] assumed outside the volume."""
+        p = np.asarray(props, dtype=np.float64) - [echo.Z_REF, 0.0, 0.0]
+        self.outside[None] = p.astype(self._np_real)
 
     def update_acoustics(self):
         """Recompute the acoustic-property volume from the channels and mapping fields."""
@@ -243,12 +250,13 @@ class Simulator:
             echo.exclusive_cumsum(self.logt, self.cum)
             echo.primary_combine(self.z, self.cosw, self.cum, self.echo, self.gain)
             if self.echo_model == "reverb":   # time-resolved trace replaces the primary echo
-                echo.reverb_fwd(self.z, self.alpha, np_step, self.down, self.up, self.trace)
+                echo.reverb_trace(self.z, self.alpha, np_step, self.trace, self.reverb_scratch)
                 spec = self.trace
         scat = self.scat if self.speckle_mode == "coherent" else self._zero_scat()
         image.form_rf(spec, self.gain, scat, self.rf)
         image.axial_iq(self.rf, self.taps_i, self.taps_q, self.K, self.iq_i, self.iq_q)
-        image.lateral_envelope(self.iq_i, self.iq_q, self.lat_w, self.M, self.env)
+        image.lateral_sum(self.iq_i, self.iq_q, self.lat_w, self.M, self.lat_i, self.lat_q)
+        image.envelope(self.lat_i, self.lat_q, self.env)
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         env = self.env
         if self.speckle_mode == "mean":
@@ -279,17 +287,17 @@ class Simulator:
         volume's default pose)."""
         self.set_pose(pose)
         self.forward()
-        return self.fan.to_numpy().astype(np.float32)
+        return self.fan.to_numpy()
 
     def stages(self) -> dict:
         """Every stage of the last render as numpy arrays (lines x samples unless noted)."""
         out = {
             "ray_origin_mm": self.ro.to_numpy(), "ray_direction": self.rd.to_numpy(),
-            "impedance_MRayl": self.z.to_numpy(), "attenuation_dB_cm_MHz": self.alpha.to_numpy(),
+            "impedance_MRayl": self.z.to_numpy() + echo.Z_REF, "attenuation_dB_cm_MHz": self.alpha.to_numpy(),
             "scatterers": self.scat.to_numpy(), "incidence_cos": self.cosw.to_numpy(),
             "echo": (self.trace if self.echo_model == "reverb" else self.echo).to_numpy(),
             "two_way_gain": self.gain.to_numpy(), "rf": self.rf.to_numpy(),
-            "iq_i": self.iq_i.to_numpy(), "iq_q": self.iq_q.to_numpy(),
+            "iq_i": self.lat_i.to_numpy(), "iq_q": self.lat_q.to_numpy(),
             "envelope": self.env.to_numpy(), "bmode_lines": self.bmode.to_numpy(),
             "fan": self.fan.to_numpy(),
         }
@@ -329,25 +337,31 @@ class Simulator:
             raise ValueError(f"target image shape {target.shape} != fan image shape "
                              f"{tuple(self.probe.image_px)} of this probe")
         m = self.fan_mask() if isinstance(mask, str) and mask == "fan" else mask
-        self._blur = None
         if blur_px > 0:
-            taps = losses.gaussian_taps(blur_px)
-            tf_ = ti.field(self.real, shape=len(taps))
-            tf_.from_numpy(taps.astype(self._np_real))
-            H, W = self.probe.image_px
-            g = bool(self.requires_grad)
-            self._blur = (tf_, (len(taps) - 1) // 2, ti.field(self.real, shape=(H, W), needs_grad=g),
-                          ti.field(self.real, shape=(H, W), needs_grad=g))
+            if getattr(self, "_blur", None) is None or self._blur[0] != blur_px:
+                taps = losses.gaussian_taps(blur_px)
+                H, W = self.probe.image_px
+                g = bool(self.requires_grad)
+                tf_ = ti.field(self.real, shape=len(taps))
+                tmp = ti.field(self.real, shape=(H, W), needs_grad=g)
+                out = ti.field(self.real, shape=(H, W), needs_grad=g)
+                tf_.from_numpy(taps.astype(self._np_real))
+                self._blur = (blur_px, tf_, (len(taps) - 1) // 2, tmp, out)
             target = losses.blur_np(target, blur_px)
-        self.loss_fn = losses.ImageLoss(loss, target, m, patch_px, self.real,
-                                        needs_grad=bool(self.requires_grad))
+        self._use_blur = blur_px > 0
+        old = getattr(self, "loss_fn", None)
+        if old is not None and (old.kind, old.shape, old.patch) == (loss, target.shape, int(patch_px)):
+            old.set_target(target, m)      # reuse the fields (Taichi fields are never freed)
+        else:
+            self.loss_fn = losses.ImageLoss(loss, target, m, patch_px, self.real,
+                                            needs_grad=bool(self.requires_grad))
 
     def _image_for_loss(self):
         from . import losses
 
-        if self._blur is None:
+        if not getattr(self, "_use_blur", False):
             return self.fan
-        taps, K, tmp, out = self._blur
+        _, taps, K, tmp, out = self._blur
         losses._gauss_blur_x(self.fan, taps, K, tmp)
         losses._gauss_blur_y(tmp, taps, K, out)
         return out

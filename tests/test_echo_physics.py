@@ -134,7 +134,7 @@ def _echo_loss(z, alpha, w1, w2, model, grad=True):
             fld.from_numpy(np.asarray(a, dtype=npr))
         return fld
 
-    zf, af, cf = f(z), f(alpha), f(np.ones_like(z))
+    zf, af, cf = f(z - echo.Z_REF), f(alpha), f(np.ones_like(z))   # kernels take Z - Z_REF
     w1f, w2f = f(w1), f(w2)
     logt, att2, cum, ech, gain = f(), f(), f(), f(), f()
     ret, tr2 = f(), f()
