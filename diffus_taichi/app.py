@@ -773,15 +773,13 @@ class DemoApp:
                 s.tgc_db_per_cm = new_tgc
             s.speckle = g.checkbox("speckle", bool(s.speckle))
             g.text("Probe (rebuilds the simulator)")
-            f = round(g.slider_float("freq MHz", float(probe.frequency_mhz), 1.0, 15.0), 1)
-            d = round(g.slider_float("depth mm", float(probe.depth_mm), 10.0, 150.0))
-            changes = dict(frequency_mhz=f, depth_mm=float(d))
+            changes = {
+                "frequency_mhz": _slider(g, "freq MHz", probe.frequency_mhz, 1.0, 15.0, 1),
+                "depth_mm": _slider(g, "depth mm", probe.depth_mm, 10.0, 150.0, 0)}
             if probe.kind == "curvilinear":
-                changes["fov_deg"] = float(round(g.slider_float("FOV deg", float(probe.fov_deg),
-                                                                10.0, 150.0)))
+                changes["fov_deg"] = _slider(g, "FOV deg", probe.fov_deg, 10.0, 150.0, 0)
             else:
-                changes["width_mm"] = float(round(g.slider_float("width mm", float(probe.width_mm),
-                                                                 10.0, 80.0)))
+                changes["width_mm"] = _slider(g, "width mm", probe.width_mm, 10.0, 80.0, 0)
             changes["n_lines"] = int(g.slider_int("lines", int(probe.n_lines), 16, 512))
             echo, mapping = p.echo_model, p.mapping
             if g.button(f"echo model: {echo}"):
@@ -924,6 +922,16 @@ class DemoApp:
                f"{self.params.probe.image_px[1]}x{self.params.probe.image_px[0]} px")
         print(msg, flush=True)
         return 0
+
+
+def _slider(g, label, value, lo, hi, digits):
+    """Float slider for a rebuild parameter: the value is kept exactly while the slider is
+    untouched (imgui hands back a float32) and rounded to ``digits`` once it moves."""
+    value = float(value)
+    new = float(g.slider_float(label, value, lo, hi))
+    if abs(new - value) <= 1e-5 * max(1.0, abs(value)):
+        return value
+    return float(round(new, digits))
 
 
 def _pack(rgb):

@@ -23,7 +23,8 @@ Identifiability (read before trusting fitted values):
 * A knot is constrained by the data only if intensities near it occur in the sampled voxels:
   ``knot_support`` gives, per knot, the mean hat-function weight over every ray sample of every
   pair (``history["support"]``); knots below ``min_support`` (default 1 %) are reported as
-  unconstrained (they keep roughly their initial values).
+  unconstrained and get no optimiser steps (they only follow the monotone projection and the
+  impedance gauge), unless ``fit_unsupported=True``.
 * Use a loss that keeps absolute brightness (``mse`` on the [0, 1] image) to fit attenuation and
   scattering: NCC discards gain and offset, so the scattering level and TGC-like attenuation
   trends become ambiguous.
@@ -371,35 +372,12 @@ def _make_sim(volume: Volume, probe: Probe, mapping: AcousticMapping, poses, set
 
 
 def _target_selector(sim, images, loss: str):
-    """``select(i)`` makes image i the loss target of ``sim``. ``set_loss`` allocates new Taichi
-    fields (and every new field set recompiles the loss kernels), so for mse/ncc one loss object
-    is built and only its target fields are rewritten; other losses keep one object per image."""
-    if loss in ("mse", "ncc"):
-        sim.set_loss(images[0], loss, mask="fan")
-        lf = sim.loss_fn
-        m = lf.m.to_numpy().astype(np.float64)
-        n = float(m.sum())
-        npr = sim._np_real
-
-        def select(i):
-            t = np.asarray(images[i], dtype=np.float64)
-            if loss == "mse":
-                lf.b.from_numpy(t.astype(npr))
-            else:
-                mu = (m * t).sum() / n
-                lf.var_b = float((m * (t - mu) ** 2).sum() / n)
-                if lf.var_b <= 0:
-                    raise ValueError(f"pair {i}: target image is constant inside the fan")
-                lf.bc.from_numpy((m * (t - mu)).astype(npr))
-            sim.loss_fn, sim._blur = lf, None
-        return select
-    cache = []
-    for im in images:
-        sim.set_loss(im, loss, mask="fan")
-        cache.append(sim.loss_fn)
+    """``select(i)`` makes image i the loss target of ``sim`` (``set_loss`` reuses the loss
+    fields when kind and shape are unchanged, so this is cheap)."""
+    mask = sim.fan_mask()
 
     def select(i):
-        sim.loss_fn, sim._blur = cache[i], None
+        sim.set_loss(images[i], loss, mask=mask)
     return select
 
 
@@ -409,7 +387,7 @@ def _write_params(sim, kind, P):
     else:
         sim.set_mapping_params(table=P)
     # the background beyond the grid follows knot/row 0 (set_mapping_params leaves it alone)
-    sim.outside.from_numpy(np.asarray(P[0], dtype=sim._np_real))
+    sim.set_outside(P[0])
 
 
 def mapping_from_params(P: np.ndarray, kind: str, template: AcousticMapping,

@@ -431,9 +431,18 @@ class Simulator:
         """Write raw parameter arrays (as in :meth:`mapping_params`) into the Taichi fields and
         recompute the acoustic-property volume."""
         if table is not None:
-            self.table.from_numpy(np.asarray(table, dtype=self._np_real))
+            table = np.asarray(table, dtype=np.float64)
+            self.table.from_numpy(table.astype(self._np_real))
+            if self.mapping.kind == "tissue":
+                self.set_outside(table[0])
+                self.mapping.overrides.update({n: tuple(map(float, row))
+                                               for n, row in zip(self.table_names, table)})
         if knots is not None:
-            self.tf.from_numpy(np.asarray(knots, dtype=self._np_real))
+            knots = np.asarray(knots, dtype=np.float64)
+            self.tf.from_numpy(knots.astype(self._np_real))
+            if self.mapping.kind == "transfer":
+                self.set_outside(knots[0])
+                self.mapping.knots = knots.copy()
         self.update_acoustics()
 
     def mapping_params(self) -> dict:
