@@ -16,7 +16,9 @@ screenshot, Space freeze, Esc quit. Every pose change is logged at INFO as
 Per frame all image work is done by Taichi kernels: ``Simulator.forward`` (ultrasound),
 :class:`~diffus_taichi.reslice.Reslicer` (MRI plane, only when the pose or probe changed) and
 one composition kernel that writes the fan and the reslice (with its outline overlay) into the
-packed RGBA window image; static decorations (rulers, panel frames) are drawn once per probe.
+packed RGBA window image; static decorations (rulers, panel frames) are drawn once per probe,
+and the 3-D point cloud is splatted into the image by a kernel when the camera turns (the
+probe axes and fan outline are scene lines seen by the same ``ti.ui.Camera``).
 """
 
 import argparse
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 # taichi is imported lazily (load_taichi) so that building the CLI parser stays light: importing
 # it prints a banner and takes ~0.5 s, and the package never imports it at import time.
 ti = None
-compose_kernel = unpack_kernel = billboard_kernel = None
+compose_kernel = unpack_kernel = billboard_kernel = splat_kernel = None
 
 DEFAULT_WINDOW = (1280, 720)
 ECHO_MODELS = ("primary", "layered", "reverb")
@@ -61,7 +63,7 @@ TURN_KEYS = {"Up": (-1, 0, 0), "Down": (1, 0, 0), "Right": (0, 1, 0), "Left": (0
 # ------------------------------------------------------------------------------------------
 def load_taichi():
     """Import taichi and define this module's kernels (once)."""
-    global ti, compose_kernel, unpack_kernel, billboard_kernel
+    global ti, compose_kernel, unpack_kernel, billboard_kernel, splat_kernel
     if compose_kernel is not None:
         return
     import taichi
@@ -165,8 +167,46 @@ def load_taichi():
                 vcol[3 * i + k] = colors[i] * shade
                 normals[3 * i + k] = -fwd
 
+    @ti.kernel
+    def _splat_kernel(centres: ti.template(), colors: ti.template(),
+                      right: ti.types.vector(3, ti.f32), up: ti.types.vector(3, ti.f32),
+                      fwd: ti.types.vector(3, ti.f32), inv_px: ti.f32, zbuf: ti.template(),
+                      x0: ti.i32, y0: ti.i32, bg_rgba: ti.u32,
+                      buf: ti.types.ndarray(dtype=ti.u32, ndim=2)):
+        """Orthographic point splatting into the 3-D panel of the window image, matching the
+        scene camera (glm lookAt + ortho as set up by View3D): 2x2-pixel points, nearest wins
+        (atomic_min of depth << 18 | point index), shaded darker with depth."""
+        pw, ph = zbuf.shape[0], zbuf.shape[1]
+        for x, y in zbuf:
+            zbuf[x, y] = ti.u32(0xFFFFFFFF)
+        for i in centres:
+            c = centres[i]
+            px = pw * 0.5 + c.dot(right) * inv_px
+            py = ph * 0.5 - c.dot(up) * inv_px                     # row from the top
+            dq = ti.cast(ti.min(ti.max((c.dot(fwd) + 2.0) * 0.25, 0.0), 1.0) * 16383.0, ti.u32)
+            key = (dq << 18) | ti.cast(i & 0x3FFFF, ti.u32)
+            ix, iy = ti.cast(ti.floor(px - 0.5), ti.i32), ti.cast(ti.floor(py - 0.5), ti.i32)
+            for dx, dy in ti.static(ti.ndrange(2, 2)):
+                qx, qy = ix + dx, iy + dy
+                if 0 <= qx < pw and 0 <= qy < ph:
+                    ti.atomic_min(zbuf[qx, qy], key)
+        top = buf.shape[1] - 1
+        for x, y in zbuf:
+            key = zbuf[x, y]
+            out = bg_rgba
+            if key != ti.u32(0xFFFFFFFF):
+                i = ti.cast(key & ti.u32(0x3FFFF), ti.i32)
+                d = ti.cast(key >> 18, ti.f32) / 16383.0 * 4.0 - 2.0
+                shade = 1.0 - 0.5 * ti.min(ti.max((d + 1.0) * 0.5, 0.0), 1.0)
+                col = colors[i] * shade
+                r = ti.cast(ti.min(ti.max(col[0], 0.0), 1.0) * 255.0 + 0.5, ti.u32)
+                g = ti.cast(ti.min(ti.max(col[1], 0.0), 1.0) * 255.0 + 0.5, ti.u32)
+                b = ti.cast(ti.min(ti.max(col[2], 0.0), 1.0) * 255.0 + 0.5, ti.u32)
+                out = r | (g << 8) | (b << 16) | ti.u32(0xFF000000)
+            buf[x0 + x, top - (y0 + y)] = out
+
     compose_kernel, unpack_kernel = _compose_kernel, _unpack_kernel
-    billboard_kernel = _billboard_kernel
+    billboard_kernel, splat_kernel = _billboard_kernel, _splat_kernel
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,9 +261,9 @@ class Layout:
         v3y = 8 + mbox + 8
         view3d = Rect(mx, v3y, mbox, max(64, H - v3y - 8))
         cx = mx + mbox + 8
-        controls = Rect(cx, 0, W - cx, H)
+        controls = Rect(cx, 0, W - cx, min(H, 445))     # small imgui windows: cheaper
         sy = fan_box.y + fan_box.h + 34
-        status = Rect(0, sy, mx - 6, H - sy)
+        status = Rect(0, sy, mx - 6, min(H - sy, 96))
         return cls((W, H), fan_box, fan, mri, view3d, controls, status, fs, ms)
 
     def as_dict(self):
@@ -373,17 +413,25 @@ def volume_point_cloud(volume, n_points=4000, seed=0):
 
 
 class View3D:
-    """Point cloud of the volume, probe axes and fan outline in a ``window.get_scene()``,
-    drawn by an orthographic ``ti.ui.Camera`` confined to the layout's 3-D panel.
+    """3-D view of the volume (point cloud), the probe axes and the fan outline, seen by an
+    orthographic ``ti.ui.Camera`` whose frustum puts the volume in the layout's 3-D panel.
 
-    The points are drawn as camera-facing triangles (``scene.mesh``), rebuilt by a kernel only
-    when the camera turns: on the lavapipe software rasteriser GGUI particles cost ~2 us each
-    per frame, these ~0.8 us."""
+    The axes and the outline are ``window.get_scene()`` lines. The point cloud is drawn either
+    (``cloud='splat'``, default) by a Taichi kernel that projects the points with the same
+    camera into the window image (z-buffered 2x2 splats, only recomputed when the camera
+    turns: free per frame, so many more points are affordable), or (``cloud='scene'``) as
+    camera-facing triangles in the scene (``scene.mesh``): on the lavapipe software rasteriser
+    every scene primitive costs ~1-2 us per frame (GGUI particles ~2 us, triangles ~1 us)."""
 
     AXIS_MM = 18.0
-    POINT_PX = 2.0          # half size of a point (pixels)
+    POINT_PX = 2.0          # half size of a scene-mode point (pixels)
 
-    def __init__(self, volume, layout: Layout, n_points=4000, pose: "Pose | None" = None):
+    def __init__(self, volume, layout: Layout, n_points=12000, pose: "Pose | None" = None,
+                 cloud="splat"):
+        if cloud not in ("splat", "scene"):
+            raise ValueError(f"cloud must be 'splat' or 'scene', got {cloud!r}")
+        self.cloud = cloud
+        self.zbuf = None
         pts, val = volume_point_cloud(volume, n_points)
         self.centre = pts.mean(0) if len(pts) else volume.centre_mm
         self.scale = float(max(np.linalg.norm(pts - self.centre, axis=1).max(), 1.0)) \
@@ -433,6 +481,41 @@ class View3D:
         self.camera.top(-s * cy)
         self.camera.bottom(s * (H - cy))
         self._billboard_key = None
+        self._splat_key = None
+        if self.cloud == "splat" and (self.zbuf is None or tuple(self.zbuf.shape) != (r.w, r.h)):
+            self.zbuf = ti.field(ti.u32, shape=(r.w, r.h))
+        self.rect = r
+
+    def camera_basis(self):
+        """(right, up, forward) unit vectors of the camera (glm::lookAt conventions)."""
+        pos = np.array([float(self.camera.curr_position[i]) for i in range(3)])
+        look = np.array([float(self.camera.curr_lookat[i]) for i in range(3)])
+        f = look - pos
+        f /= max(np.linalg.norm(f), 1e-12)
+        r = np.cross(f, [0.0, 1.0, 0.0])
+        if np.linalg.norm(r) < 1e-6:
+            r = np.array([1.0, 0.0, 0.0])
+        r /= np.linalg.norm(r)
+        return r, np.cross(r, f), f
+
+    def invalidate(self):
+        """Force the point cloud to be drawn again (e.g. the window image was reset)."""
+        self._splat_key = None
+
+    def splat(self, buf, bg=PANEL_3D_BG) -> bool:
+        """Project the point cloud into the 3-D panel of the packed window image ``buf`` when
+        the camera moved (or after :meth:`invalidate`); True if it drew."""
+        if self.cloud != "splat":
+            return False
+        r, u, f = self.camera_basis()
+        key = (tuple(np.round(f, 7)), self.units_per_px, self.rect)
+        if key == self._splat_key:
+            return False
+        splat_kernel(self.points, self.colors, ti.Vector(r.tolist()), ti.Vector(u.tolist()),
+                     ti.Vector(f.tolist()), 1.0 / self.units_per_px, self.zbuf, self.rect.x,
+                     self.rect.y, _pack(bg), buf)
+        self._splat_key = key
+        return True
 
     def reset_camera(self, pose: "Pose | None" = None):
         """Look at the volume centre from the right-anterior-superior side (world +x, +y, +z),
@@ -495,7 +578,7 @@ class View3D:
     def draw(self, scene, canvas):
         scene.set_camera(self.camera)
         scene.ambient_light((1.0, 1.0, 1.0))
-        if self.n_points:
+        if self.n_points and self.cloud == "scene":
             self._update_billboards()
             scene.mesh(self.tri_v, normals=self.tri_n, per_vertex_color=self.tri_c,
                        two_sided=True)
@@ -610,7 +693,8 @@ class DemoApp:
         self.timer = FrameTimer()
         self.n_rebuilds = 0
         self._build(self.params)
-        self.view3d = View3D(self.volume, self.layout, n_points=args.points, pose=self.start_pose)
+        self.view3d = View3D(self.volume, self.layout, n_points=args.points, pose=self.start_pose,
+                             cloud=args.cloud)
         self.view3d.update_probe(self.pose, self.params.probe)
         # display window of the MRI intensities
         d = self.volume.display_channel()
@@ -633,13 +717,16 @@ class DemoApp:
         t0 = time.perf_counter()
         if self.sim is not None:       # keep the live imaging settings across rebuilds
             self.settings = asdict(self.sim.settings)
+        # same mapping: reuse the volume and acoustic-property fields (no second volume copy)
+        share = self.sim if (self.sim is not None and params.mapping == self.params.mapping) else None
         sim = Simulator(self.volume, probe=params.probe, mapping=params.mapping,
-                        echo_model=params.echo_model, arch=self.arch, **self.settings)
+                        echo_model=params.echo_model, arch=self.arch, share_volume_with=share,
+                        **self.settings)
         if self.sim is not None:
             self.n_rebuilds += 1
-            if self.n_rebuilds == 1:
-                log.warning("rebuilding the simulator allocates new Taichi fields (the old "
-                            "ones are not freed) and recompiles its kernels")
+            if self.n_rebuilds == 1 and share is None:
+                log.warning("changing the mapping allocates new volume fields (Taichi fields "
+                            "are not freed)")
         self.sim = sim
         self.sim.set_pose(self.pose)
         self.params = params
@@ -659,6 +746,7 @@ class DemoApp:
         if hasattr(self, "view3d"):
             self.view3d.set_layout(L)
             self.view3d.update_probe(self.pose, params.probe)
+            self.view3d.invalidate()
         self._mri_pose = None          # force a reslice
         self._mri_dirty = True
         log.info("simulator built in %.2f s: %s %dx%d, %.1f MHz, depth %.0f mm, %s, mapping %s",
@@ -756,6 +844,7 @@ class DemoApp:
                        _pack(OUTLINE), int(self._mri_dirty), 16 if self.arch == "cpu" else 1,
                        self.buf)
         self._mri_dirty = False
+        self.view3d.splat(self.buf)
         self._set_image()
 
     def draw_gui(self):
@@ -803,17 +892,15 @@ class DemoApp:
             t = self.pose.translation_mm
             r = np.degrees(self.pose.rotvec_rad)
             g.text(f"pose t = ({t[0]:.1f}, {t[1]:.1f}, {t[2]:.1f}) mm, "
-                   f"r = ({r[0]:.1f}, {r[1]:.1f}, {r[2]:.1f}) deg")
-            g.text(f"pose: {self.pose.to_string()}")
+                   f"rotvec = ({r[0]:.1f}, {r[1]:.1f}, {r[2]:.1f}) deg")
             e = self.timer.ema
             g.text(f"{self.timer.fps:5.1f} fps | simulate {1e3 * e['simulate']:.1f} ms | "
                    f"reslice {1e3 * e['reslice']:.1f} ms | draw {1e3 * e['draw']:.1f} ms")
             pr = self.params.probe
             g.text(f"{self.volume.name} | {pr.name} {pr.n_lines}x{pr.n_samples} "
                    f"{pr.frequency_mhz:g} MHz {pr.depth_mm:g} mm | {self.params.echo_model} | "
-                   f"{self.arch}{' | FROZEN' if self.frozen else ''}")
-            g.text(f"coverage {100 * getattr(self.sim, 'coverage', 0):.0f} %  "
-                   "(fan inside the volume)")
+                   f"{self.arch} | {100 * getattr(self.sim, 'coverage', 0):.0f} % in volume"
+                   f"{' | FROZEN' if self.frozen else ''}")
 
     def _request(self, changes, echo, mapping):
         try:
@@ -978,8 +1065,12 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
                    help="probe path: static (keys only) or scripted (lateral sweep + tilt)")
     p.add_argument("--window", default=f"{DEFAULT_WINDOW[0]}x{DEFAULT_WINDOW[1]}",
                    help="window size WxH [1280x720]")
-    p.add_argument("--points", type=int, default=4000,
-                   help="points of the 3-D volume cloud [4000]")
+    p.add_argument("--points", type=int, default=12000,
+                   help="points of the 3-D volume cloud [12000]")
+    p.add_argument("--cloud", default="splat", choices=["splat", "scene"],
+                   help="draw the 3-D point cloud with a Taichi splatting kernel into the window "
+                        "image (splat, only when the camera turns) or as scene triangles "
+                        "(scene, every frame) [splat]")
     p.add_argument("--step-mm", type=float, default=1.0, help="translation per key press (mm) [1]")
     p.add_argument("--step-deg", type=float, default=2.0, help="rotation per key press (deg) [2]")
     p.add_argument("--screenshot-dir", default=".", help="where P / the button saves PNGs [.]")

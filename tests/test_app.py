@@ -156,6 +156,27 @@ def test_headless_demo_records_frames(tmp_path, arch_name):
     assert np.abs(crops[0] - crops[1]).mean() > 1.0          # the scripted path moves the probe
 
 
+def test_point_cloud_splat_matches_scene_camera(tmp_path):
+    """The splatting kernel projects the cloud exactly like GGUI's scene camera."""
+    boxes = {}
+    for cloud in ("splat", "scene"):
+        shot = tmp_path / f"{cloud}.png"
+        cmd = [sys.executable, "-m", "diffus_taichi", "demo", "--headless", "--frames", "3",
+               "--arch", "cpu", *SMALL[:-2], "--points", "3000", "--cloud", cloud,
+               "--screenshot", str(shot)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        from diffus_taichi.app import Layout
+
+        r = Layout.compute((1280, 720), (512, 512)).view3d
+        panel = _png(shot)[r.y:r.y + r.h, r.x:r.x + r.w].astype(int)
+        grey = (np.abs(panel[..., 0] - panel[..., 2]) < 40) & (panel.sum(-1) > 250)  # cloud
+        ys, xs = np.nonzero(grey)
+        assert len(xs) > 500, cloud
+        boxes[cloud] = np.array([xs.min(), xs.max(), ys.min(), ys.max()])
+    assert np.abs(boxes["splat"] - boxes["scene"]).max() <= 4, boxes
+
+
 # --------------------------------------------------------------------------------------------
 # windowed run under Xvfb, keys injected with XTest
 # --------------------------------------------------------------------------------------------
