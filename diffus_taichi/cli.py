@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-npz", default=None,
                    help="also save every stage, the pose and the geometry to this .npz")
     r.set_defaults(func=cmd_render)
+    from .registration import add_search_parser; add_search_parser(sub)  # noqa: E702
     from .mapping_fit import add_fit_parser; add_fit_parser(sub)  # noqa: E702
     from .app import add_demo_parser; add_demo_parser(sub)  # noqa: E702
     return p

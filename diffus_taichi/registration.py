@@ -62,6 +62,8 @@ class Level:
 
 DEFAULT_LEVELS = (Level(0.25, 2.0, 60, "mean", 1.0, "depth"), Level(0.5, 1.5, 30, "mean", 0.3, "map", 2))
 DEFAULT_LOSS = "ncc"
+DEFAULT_STARTS = 8
+LOSS_NAMES = ("mse", "ncc", "lncc", "lc2")   # = losses.LOSSES (importing it loads taichi)
 
 
 @dataclass
@@ -331,7 +333,7 @@ class PoseSearch:
 
     def __init__(self, volume="brain", probe="craniotomy", loss=DEFAULT_LOSS, levels=DEFAULT_LEVELS,
                  optimizer="adam", lr_mm=1.0, lr_deg=1.0, mapping="auto", echo_model="primary",
-                 arch=None, patience=8, rel_tol=1e-3, n_starts=1, start_mm=8.0, start_deg=8.0,
+                 arch=None, patience=15, rel_tol=1e-3, n_starts=DEFAULT_STARTS, start_mm=8.0, start_deg=8.0,
                  keep=2, screen_iters=10, pivot_mm=None, bias_seeds=8, **sim_kwargs):
         from .losses import LOSSES
         from .simulator import Simulator
@@ -371,7 +373,8 @@ class PoseSearch:
         self.volume = first.volume
         self._render_sim = None
         self._loss_key = [None] * len(self.levels)
-        self._targets = [None] * len(self.levels)
+        self._targets = [None] * len(self.levels)     # level targets as given (resampled)
+        self._cur = [None] * len(self.levels)         # as loaded (bias-corrected), unblurred
         self._mask = "fan"
 
     def level_probe(self, lv: Level) -> Probe:
@@ -472,6 +475,7 @@ class PoseSearch:
         from .losses import blur_np
 
         lv, sim = self.levels[li], self.sims[li]
+        self._cur[li] = tgt
         fan = isinstance(self._mask, str) and self._mask == "fan"
         m = self._level_mask(li)
         key = (self.loss_kind, lv.blur_px, "fan")
@@ -653,3 +657,160 @@ def search_figure(search: PoseSearch, res: SearchResult, target: np.ndarray, pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- command line -------------------------------------------------------------------------------
+INIT_OFFSET_MM, INIT_OFFSET_DEG = 5.0, 5.0
+
+
+def default_init_pose(target_pose: Pose) -> Pose:
+    """The CLI's default start for a synthetic target: the target pose moved 5 mm along the
+    probe's lateral axis and rotated 5 deg about its elevation axis (in-plane, about the face)."""
+    return target_pose.moved((INIT_OFFSET_MM, 0.0, 0.0), (0.0, INIT_OFFSET_DEG * DEG, 0.0))
+
+
+def load_target_image(path: str) -> np.ndarray:
+    """A fan image from .npy (2-D array), .npz (key 'fan') or an image file such as .png
+    (grayscale; colour is converted by luminance; 8/16-bit scaled to [0, 1])."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"target image not found: {path!r}")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            img = np.load(path, allow_pickle=False)
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "fan" not in z.files:
+                    raise ValueError(f"target image {path!r}: .npz has no array 'fan' "
+                                     f"(it has: {', '.join(z.files) or 'nothing'})")
+                img = z["fan"]
+        else:
+            import matplotlib.image as mpimg
+
+            img = mpimg.imread(path)
+    except ValueError:
+        raise
+    except Exception as e:   # unreadable / not an image / pickled npy ...
+        raise ValueError(f"target image {path!r}: cannot read it ({type(e).__name__}: {e})") from None
+    img = np.asarray(img)
+    if img.dtype == np.uint8:
+        img = img / 255.0
+    elif img.dtype == np.uint16:
+        img = img / 65535.0
+    if img.ndim == 3 and img.shape[2] in (3, 4) and ext not in (".npy", ".npz"):
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    if img.ndim != 2:
+        raise ValueError(f"target image {path!r}: expected a 2-D grayscale fan image, got an "
+                         f"array of shape {img.shape}")
+    if not np.issubdtype(img.dtype, np.number) or np.iscomplexobj(img):
+        raise ValueError(f"target image {path!r}: not a real-valued image (dtype {img.dtype})")
+    img = img.astype(np.float64)
+    if not np.all(np.isfinite(img)):
+        raise ValueError(f"target image {path!r} contains NaN or Inf")
+    if img.min() < -1e-6 or img.max() > 1 + 1e-6:
+        raise ValueError(f"target image {path!r}: values must lie in [0, 1] (B-mode display "
+                         f"scale), got [{img.min():.4g}, {img.max():.4g}]")
+    return img
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``search`` subcommand (pose search) to an argparse subparsers object."""
+    from .cli import _add_common
+
+    s = subparsers.add_parser(
+        "search", help="find the probe pose of a B-mode image (gradient-based pose search)",
+        description="Recover the probe pose at which a B-mode fan image was taken, by "
+                    "coarse-to-fine gradient descent on the image similarity between the target "
+                    "and renders of the volume. The target is either synthetic (--target-pose: "
+                    "rendered with coherent speckle, seed --seed) or a file (--target-image) in "
+                    "the fan geometry of the probe options. Poses are 'tx,ty,tz,rx,ry,rz' "
+                    "(mm, rotation vector in degrees) or a file with a 4x4 matrix.")
+    _add_common(s)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target-pose", help="render a synthetic target at this pose (its true pose)")
+    g.add_argument("--target-image",
+                   help="target fan image: .npy (2-D), .npz (array 'fan') or .png (grayscale, "
+                        "scaled to [0, 1]); its shape must be the probe's fan image shape")
+    s.add_argument("--init-pose",
+                   help="starting pose; required with --target-image [default with --target-pose: "
+                        f"the target pose moved {INIT_OFFSET_MM:g} mm along the probe's lateral "
+                        f"axis and rotated {INIT_OFFSET_DEG:g} deg about its elevation axis]")
+    s.add_argument("--true-pose", help="true pose of a --target-image, to report the errors")
+    s.add_argument("--loss", default=DEFAULT_LOSS, choices=LOSS_NAMES,
+                   help=f"image similarity [default: {DEFAULT_LOSS}]")
+    s.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"],
+                   help="optimizer [default: adam]")
+    s.add_argument("--starts", type=int, default=None,
+                   help="multi-start count at the coarsest level (the initial pose + random "
+                        f"starts around it) [default: {DEFAULT_STARTS}]")
+    s.add_argument("--json", default=None,
+                   help="write the result (final pose, loss history, iterations, seconds; errors "
+                        "in mm and degrees when the true pose is known) to this JSON file")
+    s.add_argument("--figure", default=None,
+                   help="write a PNG: loss curve; target, initial and final images with the "
+                        "target's edges overlaid")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    s.set_defaults(func=cmd_search)
+    return s
+
+
+def cmd_search(a) -> int:
+    """Run the ``search`` subcommand for parsed arguments ``a``."""
+    from .cli import _probe_from_args
+
+    if a.starts is not None and a.starts < 1:
+        raise ValueError(f"--starts must be >= 1, got {a.starts}")
+    probe = _probe_from_args(a)
+    target_pose = Pose.parse(a.target_pose) if a.target_pose else None
+    true_pose = target_pose if target_pose is not None else (
+        Pose.parse(a.true_pose) if a.true_pose else None)
+    if a.init_pose:
+        init = Pose.parse(a.init_pose)
+    elif target_pose is not None:
+        init = default_init_pose(target_pose)
+    else:
+        raise ValueError("--init-pose is required with --target-image")
+    target = None
+    if a.target_image:      # check the file before building anything
+        target = load_target_image(a.target_image)
+        if target.shape != tuple(probe.image_px):
+            raise ValueError(f"target image {a.target_image!r} has shape {target.shape}, but the "
+                             f"probe's fan image is {tuple(probe.image_px)} (height, width): use "
+                             "the probe options it was made with (e.g. --image-px)")
+    t0 = time.perf_counter()
+    ps = PoseSearch(a.volume, probe, loss=a.loss, optimizer=a.optimizer, mapping=a.mapping,
+                    echo_model=a.echo_model, arch=a.arch, gain_db=a.gain_db,
+                    dynamic_range_db=a.dynamic_range_db, tgc_db_per_cm=a.tgc_db_per_cm,
+                    seed=a.seed)
+    if target is None:
+        rs = ps.render_sim
+        rs.settings.speckle = not a.no_speckle
+        target = ps.render(target_pose).astype(np.float64)
+        rs.settings.speckle = True
+    t_setup = time.perf_counter() - t0
+    res = ps.run(target, init, n_starts=a.starts, true_pose=true_pose,
+                 progress=False if a.no_progress else True)
+    log.info("search: %d evaluations in %.2f s (setup %.2f s, JIT included)", res.iterations,
+             res.seconds, t_setup)
+    log.info("initial pose: %s", init.to_string())
+    log.info("final pose:   %s (loss %.5f)", res.pose.to_string(), res.loss)
+    if true_pose is not None:
+        e0 = init.error_to(true_pose)
+        et, er = res.errors()
+        log.info("error to the true pose: %.3f mm, %.3f deg (initial %.2f mm, %.2f deg)",
+                 et, er, *e0)
+    if a.json:
+        d = res.to_dict()
+        d.update(volume=ps.volume.name, probe=repr(ps.probe), setup_seconds=t_setup,
+                 target=a.target_image or f"synthetic at {target_pose.to_string()} (seed {a.seed})",
+                 search=ps.describe())
+        if true_pose is not None:
+            d["initial_translation_error_mm"], d["initial_rotation_error_deg"] = init.error_to(true_pose)
+        with open(a.json, "w") as fh:
+            json.dump(d, fh, indent=2)
+        log.info("wrote %s", a.json)
+    if a.figure:
+        search_figure(ps, res, target, a.figure)
+        log.info("wrote %s", a.figure)
+    print(res.pose.to_string())
+    return 0
