@@ -5,9 +5,12 @@ along a random direction of the upper hemisphere (z > 0.3), looking inwards, wit
 lateral axis, then tilted by up to +-15 deg about a random axis of the probe face and spun by a
 random angle about its axial axis; poses whose fan lies mostly (> 50 %) outside the brain are
 rejected. A craniotomy (radius 30 mm: bone and scalp replaced by saline, as at the brain's
-default pose) is cut under every true probe position. Initial pose: the true pose moved by uniform +-10 mm along each PROBE axis and rotated
-by a uniform +-10 deg rotation vector per PROBE axis (about the centre of the probe face), i.e.
-``truth.moved(d_mm, d_rotvec)``. Success: translation error < 1 mm and rotation error < 1 deg.
+default pose) is cut under every true probe position (the probe sits 0.5 mm above the brain,
+inside the skull: moved back by the initial perturbation, it would otherwise image nothing but
+bone and its shadow). Initial pose: the true pose moved by uniform +-10 mm along each PROBE axis
+and rotated by a uniform +-10 deg rotation vector per PROBE axis (about the centre of the probe
+face), i.e. ``truth.moved(d_mm, d_rotvec)``. Success: translation error < 1 mm and rotation
+error < 1 deg.
 
 Cases (same true and initial poses for both):
 
@@ -132,7 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="cpu")
     ap.add_argument("--loss", default=None, help="loss (default: PoseSearch's default)")
     ap.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"])
-    ap.add_argument("--starts", type=int, default=None, help="multi-start count (default: PoseSearch's)")
+    ap.add_argument("--starts", type=int, default=None,
+                    help="multi-start count (default: PoseSearch's)")
     ap.add_argument("--cases", default="matched,mismatched")
     ap.add_argument("--init-mm", type=float, default=10.0)
     ap.add_argument("--init-deg", type=float, default=10.0)
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     kw = {} if a.loss is None else {"loss": a.loss}
     ps = PoseSearch(vol, probe, optimizer=a.optimizer, arch=a.arch, **kw)
-    tsim = Simulator(vol, probe=ps.probe, arch=a.arch, speckle=True) if "mismatched" in cases else None
+    tsim = (Simulator(vol, probe=ps.probe, arch=a.arch, speckle=True)
+            if "mismatched" in cases else None)
     t_build = time.perf_counter() - t0
     # warm-up: compile every level's forward and backward kernels
     t0 = time.perf_counter()
@@ -223,7 +228,8 @@ def main(argv=None) -> int:
         print(f"| {c} | {100 * s['success_rate']:.0f} % ({sum(r['success'] for r in rows[c])}/"
               f"{s['n']}) | {s['median_s']:.1f} | {s['p90_s']:.1f} | {s['median_iters']:.0f} | "
               f"{s['p90_iters']:.0f} | {s['median_err_mm']:.2f} / {s['median_err_deg']:.2f} |")
-    print(f"\nHardware: {hw}\nBuild {t_build:.1f} s, warm-up (JIT) {t_jit:.1f} s (not in the times)")
+    print(f"\nHardware: {hw}\nBuild {t_build:.1f} s, warm-up (JIT) {t_jit:.1f} s "
+          "(not in the times)")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"args": vars(a), "hardware": hw, "summary": summ, "trials": rows,

@@ -1,23 +1,35 @@
 """Gradient-based probe pose search: recover where an ultrasound image was taken.
 
-Coarse-to-fine over probe resolutions (fewer lines/samples, smaller and blurred images first),
-Adam (default) or L-BFGS on a local pose increment, multi-start at the coarsest level, stopping
-on stalled improvement, with a progress bar on stderr.
-
-The optimised variable is ``x = [ux, uy, uz (mm), ax, ay, az (degrees)]``: a translation along
-the axes of a reference probe pose and a rotation vector in that probe frame about a pivot on the
-probe axis (default: half the imaging depth, the middle of the fan). Rotating about the middle of
-the image rather than the probe face decouples rotation from translation (a tilt about the face
-sweeps the deep part of the image sideways), and the local chart has no singularity whatever the
-absolute orientation. Gradients come from :meth:`Simulator.value_and_grad` (world translation and
-rotation vector) through the Jacobian of this chart.
-
     res = register("brain", target_image, init_pose, probe="craniotomy")
     res.pose, res.errors(), res.to_dict()
 
-Levels render with ``speckle='mean'`` (expected intensity: no speckle, smooth in the pose); with
-coherent speckle the gradient at coarse sampling is dominated by aliased speckle, and a final
-coherent level did not improve the accuracy in the benchmark (benchmarks/bench_pose_search.py).
+    ps = PoseSearch("brain", "craniotomy")          # reusable: build once, search many targets
+    res = ps.run(target_image, init_pose)
+
+Pipeline (defaults: :data:`DEFAULT_LEVELS`, tuned with benchmarks/bench_pose_search.py):
+
+* The optimised variable is ``x = [ux, uy, uz (mm), ax, ay, az (degrees)]``: a translation along
+  the axes of a reference probe pose and a rotation vector in that probe frame about a pivot on
+  the probe axis (default: half the imaging depth, the middle of the fan). Rotating about the
+  middle of the image rather than the probe face decouples rotation from translation, and the
+  local chart has no singularity whatever the absolute orientation (rotation vectors near
+  180 deg are common for probes looking down). Gradients come from
+  :meth:`Simulator.value_and_grad` through the Jacobian of this chart.
+* Levels render with ``speckle='mean'`` (expected intensity, smooth in the pose). With coherent
+  speckle the loss has a needle-sharp minimum (< 1 mm / 1 deg wide) in a landscape of speckle
+  noise, useless for descent.
+* The 'mean' render is not the expected look of a coherent-speckle image (log of the mean vs
+  mean of the log, depth-dependent beam energy): optimising the plain loss lands 1-3 deg (up to
+  8 deg) off even for a target rendered by the same model. Each level therefore corrects the
+  target by a *bias map*: the mean of ``bias_seeds`` coherent renders (other scatterer seeds)
+  minus the level's 'mean' render, both at the level's starting pose, either averaged per depth
+  (``'depth'``: anatomy-agnostic, for the far starts of the coarsest level) or per pixel
+  (``'map'``: re-estimated at the pose reached, ``repeats`` times, at the fine level).
+* The coarsest level runs ``n_starts`` starts (the initial pose, +-start along the
+  out-of-plane axes, which are the multi-modal ones, then random points of the +-start box)
+  with successive halving: all run ``screen_iters`` Adam steps, the better half twice as many,
+  ... until ``keep`` remain; they finish the level and the best one goes on.
+* Adam with a cosine step decay and stall detection (``patience``); L-BFGS optionally.
 """
 from __future__ import annotations
 
@@ -60,9 +72,10 @@ class Level:
     repeats: int = 1
 
 
-DEFAULT_LEVELS = (Level(0.25, 2.0, 60, "mean", 1.0, "depth"), Level(0.5, 1.5, 30, "mean", 0.3, "map", 2))
+DEFAULT_LEVELS = (Level(0.25, 2.0, 60, "mean", 1.0, "depth"),
+                  Level(0.5, 1.5, 30, "mean", 0.3, "map", 3))
 DEFAULT_LOSS = "ncc"
-DEFAULT_STARTS = 8
+DEFAULT_STARTS = 16
 LOSS_NAMES = ("mse", "ncc", "lncc", "lc2")   # = losses.LOSSES (importing it loads taichi)
 
 
@@ -170,57 +183,6 @@ def resample_fan(img: np.ndarray, probe_from: Probe, probe_to: Probe) -> np.ndar
     out = ((1 - fr) * (1 - fc) * img[R0, C0] + (1 - fr) * fc * img[R0, C0 + 1]
            + fr * (1 - fc) * img[R0 + 1, C0] + fr * fc * img[R0 + 1, C0 + 1])
     return np.where(ok, out, 0.0)
-
-
-def _retarget(lf, target: np.ndarray, mask: np.ndarray, npr) -> None:
-    """Put a new target into an existing losses.ImageLoss (same kind, shape, mask and patch) in
-    place. Re-creating the loss allocates new Taichi fields, and kernels taking fields as
-    templates are compiled again for every new field (about 1 s per level per search)."""
-    if hasattr(lf, "set_target"):
-        lf.set_target(target)
-        return
-    target = np.asarray(target, dtype=np.float64)
-    if not np.all(np.isfinite(target)):
-        raise ValueError("target image contains NaN or Inf")
-    m = np.asarray(mask, dtype=np.float64)
-    n = float(m.sum())
-    if lf.kind == "mse":
-        lf.b.from_numpy(target.astype(npr))
-        return
-    if lf.kind == "ncc":
-        mu_b = (m * target).sum() / n
-        bc = m * (target - mu_b)
-        var_b = float((bc * (target - mu_b)).sum() / n)
-        if var_b <= 0:
-            raise ValueError("target image is constant inside the mask: NCC undefined")
-        lf.var_b = var_b
-        lf.bc.from_numpy(bc.astype(npr))
-        return
-    H, W = target.shape
-    P = lf.patch
-    PH, PW = -(-H // P), -(-W // P)
-    mp, tp = np.zeros((PH * P, PW * P)), np.zeros((PH * P, PW * P))
-    mp[:H, :W], tp[:H, :W] = m, target
-    mp4, tp4 = mp.reshape(PH, P, PW, P), tp.reshape(PH, P, PW, P)
-    cnt = mp4.sum((1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mu = (mp4 * tp4).sum((1, 3)) / cnt
-        var = (mp4 * (tp4 - mu[:, None, :, None]) ** 2).sum((1, 3)) / cnt
-    valid = (cnt >= 0.5 * P * P) & (var > 1e-6)
-    if not valid.any():
-        raise ValueError(f"no {P}x{P} patch of the target has both mask coverage and texture: "
-                         "cannot compute a local similarity")
-    var = np.where(valid, var, 1.0)
-    if lf.kind == "lncc":
-        w = valid / valid.sum()
-        bc = (mp4 * (tp4 - np.nan_to_num(mu)[:, None, :, None])).reshape(PH * P, PW * P)[:H, :W]
-        lf.bc.from_numpy(bc.astype(npr))
-    else:
-        w = valid * var / (valid * var).sum()
-        lf.b.from_numpy(target.astype(npr))
-        lf.sbb.from_numpy((mp4 * tp4 ** 2).sum((1, 3)).astype(npr))
-    lf.var_b.from_numpy(var.astype(npr))
-    lf.w.from_numpy(w.astype(npr))
 
 
 # --- optimisers ---------------------------------------------------------------------------------
@@ -333,8 +295,8 @@ class PoseSearch:
 
     def __init__(self, volume="brain", probe="craniotomy", loss=DEFAULT_LOSS, levels=DEFAULT_LEVELS,
                  optimizer="adam", lr_mm=1.0, lr_deg=1.0, mapping="auto", echo_model="primary",
-                 arch=None, patience=15, rel_tol=1e-3, n_starts=DEFAULT_STARTS, start_mm=8.0, start_deg=8.0,
-                 keep=2, screen_iters=10, pivot_mm=None, bias_seeds=8, **sim_kwargs):
+                 arch=None, patience=15, rel_tol=1e-3, n_starts=DEFAULT_STARTS, start_mm=9.0,
+                 start_deg=9.0, keep=2, screen_iters=6, pivot_mm=None, bias_seeds=8, **sim_kwargs):
         from .losses import LOSSES
         from .simulator import Simulator
 
@@ -356,7 +318,8 @@ class PoseSearch:
         self.loss_kind, self.levels, self.optimizer = loss, tuple(levels), optimizer
         self.lr = np.array([lr_mm] * 3 + [lr_deg] * 3, dtype=np.float64)
         self.patience, self.rel_tol = int(patience), float(rel_tol)
-        self.n_starts, self.start_mm, self.start_deg = int(n_starts), float(start_mm), float(start_deg)
+        self.n_starts = int(n_starts)
+        self.start_mm, self.start_deg = float(start_mm), float(start_deg)
         self.keep, self.screen_iters = int(keep), int(screen_iters)
         self.pivot_mm = 0.5 * self.probe.depth_mm if pivot_mm is None else float(pivot_mm)
         self.bias_seeds = int(bias_seeds)
@@ -372,7 +335,6 @@ class PoseSearch:
             self.sims.append(sim)
         self.volume = first.volume
         self._render_sim = None
-        self._loss_key = [None] * len(self.levels)
         self._targets = [None] * len(self.levels)     # level targets as given (resampled)
         self._cur = [None] * len(self.levels)         # as loaded (bias-corrected), unblurred
         self._mask = "fan"
@@ -384,13 +346,15 @@ class PoseSearch:
         H, W = p.image_px
         return p.with_(n_lines=max(8, int(round(p.n_lines * lv.scale))),
                        n_samples=max(16, int(round(p.n_samples * lv.scale))),
-                       image_px=(max(16, int(round(H * lv.scale))), max(16, int(round(W * lv.scale)))))
+                       image_px=(max(16, int(round(H * lv.scale))),
+                                 max(16, int(round(W * lv.scale)))))
 
     def describe(self) -> dict:
         """Settings, for logs and benchmark records."""
         return {"loss": self.loss_kind, "optimizer": self.optimizer,
                 "levels": [asdict(lv) for lv in self.levels],
-                "level_probes": [[s.probe.n_lines, s.probe.n_samples, *s.probe.image_px] for s in self.sims],
+                "level_probes": [[s.probe.n_lines, s.probe.n_samples, *s.probe.image_px]
+                                 for s in self.sims],
                 "lr_mm_deg": self.lr[[0, 3]].tolist(), "patience": self.patience,
                 "rel_tol": self.rel_tol, "n_starts": self.n_starts, "start_mm": self.start_mm,
                 "start_deg": self.start_deg, "keep": self.keep, "screen_iters": self.screen_iters,
@@ -471,19 +435,11 @@ class PoseSearch:
         return resample_fan(np.asarray(mask, dtype=np.float64), self.probe, sim.probe) > 0.5
 
     def _load(self, li: int, tgt: np.ndarray) -> None:
-        """Put a level-resolution target into level ``li``'s loss (in place when possible)."""
-        from .losses import blur_np
-
+        """Put a level-resolution target into level ``li``'s loss (Simulator.set_loss reuses the
+        loss fields, so no kernel is compiled again)."""
         lv, sim = self.levels[li], self.sims[li]
         self._cur[li] = tgt
-        fan = isinstance(self._mask, str) and self._mask == "fan"
-        m = self._level_mask(li)
-        key = (self.loss_kind, lv.blur_px, "fan")
-        if fan and self._loss_key[li] == key:
-            _retarget(sim.loss_fn, blur_np(tgt, lv.blur_px), m, sim._np_real)
-        else:
-            sim.set_loss(tgt, self.loss_kind, mask=m, blur_px=lv.blur_px)
-            self._loss_key[li] = key if fan else None
+        sim.set_loss(tgt, self.loss_kind, mask=self._level_mask(li), blur_px=lv.blur_px)
 
     def _correct(self, li: int, pose: Pose, expected=None):
         """Load level ``li``'s target corrected by its bias map at ``pose``; returns ``expected``
@@ -496,6 +452,24 @@ class PoseSearch:
         d = self.bias_map(li, pose, expected, kind)
         self._load(li, np.clip(self._targets[li] - d, 0.0, 1.0))
         return expected
+
+    @staticmethod
+    def start_points(n: int, start_mm: float, start_deg: float, rng) -> list:
+        """Starting increments x (mm, deg; local chart of the initial pose): the initial pose,
+        then +-start along the out-of-plane axes (elevation translation, tilt about the lateral
+        axis, twist about the axial axis: the poorly constrained, multi-modal directions; the
+        in-plane ones are found by descent from any of them), then uniform random points in
+        the +-start box."""
+        pts = [np.zeros(6)]
+        for k, v in ((5, start_deg), (3, start_deg), (1, start_mm)):
+            for sgn in (1.0, -1.0):
+                e = np.zeros(6)
+                e[k] = sgn * v
+                pts.append(e)
+        spread = np.r_[[start_mm] * 3, [start_deg] * 3]
+        while len(pts) < n:
+            pts.append(rng.uniform(-1, 1, 6) * spread)
+        return pts[:n]
 
     def warmup(self, target: np.ndarray) -> None:
         """Compile every level's kernels (forward and gradient) once, e.g. before timing."""
@@ -510,7 +484,8 @@ class PoseSearch:
     # --- search ---------------------------------------------------------------------------------
     def run(self, target: np.ndarray, init_pose: Pose, n_starts: int | None = None,
             start_mm: float | None = None, start_deg: float | None = None, seed: int = 0,
-            true_pose: Pose | None = None, mask="fan", progress: bool | None = None) -> SearchResult:
+            true_pose: Pose | None = None, mask="fan",
+            progress: bool | None = None) -> SearchResult:
         """Search from ``init_pose`` (plus ``n_starts - 1`` random starts within ±start_mm,
         ±start_deg per probe axis; defaults from the constructor) for the pose whose render best
         matches ``target`` (fan image of the full-resolution probe)."""
@@ -524,14 +499,17 @@ class PoseSearch:
         t0 = time.perf_counter()
         self.set_target(target, mask)
         rng = np.random.default_rng(seed)
-        spread = np.r_[[start_mm] * 3, [start_deg] * 3]
-        starts = [np.zeros(6)] + [rng.uniform(-1, 1, 6) * spread for _ in range(n_starts - 1)]
+        starts = self.start_points(n_starts, start_mm, start_deg, rng)
         hist, start_losses = [], []
         lv0 = self.levels[0]
         keep = min(self.keep, n_starts)
         screen = min(self.screen_iters, lv0.iters) if n_starts > 1 else 0
-        total = (n_starts * screen + keep * (lv0.iters - screen) * lv0.repeats
-                 + sum(lv.iters * lv.repeats for lv in self.levels[1:]))
+        total, alive, b = n_starts * screen, n_starts, screen
+        while n_starts > 1 and alive > keep:
+            alive, nb = max(keep, (alive + 1) // 2), min(lv0.iters, 2 * b)
+            total, b = total + alive * (nb - b), nb
+        total += keep * (lv0.iters - b) + lv0.iters * (lv0.repeats - 1)
+        total += sum(lv.iters * lv.repeats for lv in self.levels[1:])
         if self.optimizer == "lbfgs":
             total *= 2
 
@@ -552,11 +530,18 @@ class PoseSearch:
             lr0 = self.lr * lv0.lr
             if self.optimizer == "adam":
                 runs = [_Adam(xs, lr0, lv0.iters, self.patience, self.rel_tol) for xs in starts]
-                if n_starts > 1:
-                    for r in runs:
-                        r.run(ev0, screen)
-                        start_losses.append(float(r.best_l))
-                    runs = sorted(runs, key=lambda r: r.best_l)[:keep]
+                if n_starts > 1:   # successive halving: screen all, halve, run longer, ...
+                    budget = screen
+                    while True:
+                        for r in runs:
+                            r.run(ev0, budget - r.t)
+                        if not start_losses:
+                            start_losses = [float(r.best_l) for r in runs]
+                        if len(runs) <= keep:
+                            break
+                        runs = sorted(runs, key=lambda r: r.best_l)
+                        runs = runs[:max(keep, (len(runs) + 1) // 2)]
+                        budget = min(lv0.iters, 2 * budget)
                 for r in runs:
                     r.run(ev0, lv0.iters)
                     if n_starts == 1:
@@ -583,7 +568,8 @@ class PoseSearch:
                 for _ in range(self.levels[li].repeats):
                     pose, l_best = self._descend(li, pose, evaluator)
         res = SearchResult(pose=pose, loss=float(l_best),
-                           loss_history=[h[0] for h in hist], level_of_iteration=[h[1] for h in hist],
+                           loss_history=[h[0] for h in hist],
+                           level_of_iteration=[h[1] for h in hist],
                            iterations=len(hist), seconds=time.perf_counter() - t0,
                            start_losses=start_losses, true_pose=true_pose, init_pose=init_pose)
         if true_pose is not None:
@@ -608,9 +594,10 @@ class PoseSearch:
 def register(volume, target: np.ndarray, init_pose: Pose, probe="craniotomy", loss=DEFAULT_LOSS,
              n_starts: int | None = None, **kw) -> SearchResult:
     """One-call pose search (see :class:`PoseSearch`)."""
-    run_kw = {k: kw.pop(k) for k in ("start_mm", "start_deg", "seed", "true_pose", "mask", "progress")
-              if k in kw}
-    return PoseSearch(volume, probe, loss=loss, **kw).run(target, init_pose, n_starts=n_starts, **run_kw)
+    run_kw = {k: kw.pop(k) for k in ("start_mm", "start_deg", "seed", "true_pose", "mask",
+                                     "progress") if k in kw}
+    ps = PoseSearch(volume, probe, loss=loss, **kw)
+    return ps.run(target, init_pose, n_starts=n_starts, **run_kw)
 
 
 def search_figure(search: PoseSearch, res: SearchResult, target: np.ndarray, path: str) -> str:
@@ -631,7 +618,7 @@ def search_figure(search: PoseSearch, res: SearchResult, target: np.ndarray, pat
     tb = blur_np(target, 2.0)
     gy, gx = np.gradient(tb)
     gm = np.hypot(gx, gy)
-    inside = probe.scan_grid()[2]
+    inside = blur_np(probe.scan_grid()[2].astype(np.float64), 3.0) > 0.999   # not the fan border
     thr = np.percentile(gm[inside], 90) if inside.any() else gm.max()
     edges = np.where((gm > thr) & inside, 1.0, np.nan)
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.4), constrained_layout=True)
@@ -646,7 +633,8 @@ def search_figure(search: PoseSearch, res: SearchResult, target: np.ndarray, pat
     ax.legend(fontsize=8)
     ax.set_title(f"{res.iterations} evaluations, {res.seconds:.1f} s")
     errs = res.errors()
-    titles = ["target", "initial pose", "final pose" + (f" ({errs[0]:.2f} mm, {errs[1]:.2f}°)" if errs else "")]
+    titles = ["target", "initial pose",
+              "final pose" + (f" ({errs[0]:.2f} mm, {errs[1]:.2f}°)" if errs else "")]
     for ax, img, title in zip(axes[1:], (target, init_img, final_img), titles):
         ax.imshow(img, cmap="gray", vmin=0, vmax=1, extent=extent)
         if title != "target":
@@ -691,7 +679,8 @@ def load_target_image(path: str) -> np.ndarray:
     except ValueError:
         raise
     except Exception as e:   # unreadable / not an image / pickled npy ...
-        raise ValueError(f"target image {path!r}: cannot read it ({type(e).__name__}: {e})") from None
+        raise ValueError(f"target image {path!r}: cannot read it "
+                         f"({type(e).__name__}: {e})") from None
     img = np.asarray(img)
     if img.dtype == np.uint8:
         img = img / 255.0
@@ -727,7 +716,8 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                     "(mm, rotation vector in degrees) or a file with a 4x4 matrix.")
     _add_common(s)
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--target-pose", help="render a synthetic target at this pose (its true pose)")
+    g.add_argument("--target-pose", help="render a synthetic target at this pose (its true pose); "
+                                         "write --target-pose=-4,8,... when it starts with '-'")
     g.add_argument("--target-image",
                    help="target fan image: .npy (2-D), .npz (array 'fan') or .png (grayscale, "
                         "scaled to [0, 1]); its shape must be the probe's fan image shape")
@@ -805,7 +795,8 @@ def cmd_search(a) -> int:
                  target=a.target_image or f"synthetic at {target_pose.to_string()} (seed {a.seed})",
                  search=ps.describe())
         if true_pose is not None:
-            d["initial_translation_error_mm"], d["initial_rotation_error_deg"] = init.error_to(true_pose)
+            e0 = init.error_to(true_pose)
+            d["initial_translation_error_mm"], d["initial_rotation_error_deg"] = e0
         with open(a.json, "w") as fh:
             json.dump(d, fh, indent=2)
         log.info("wrote %s", a.json)
