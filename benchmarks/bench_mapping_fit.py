@@ -4,6 +4,7 @@ synthetic (pose, image) pairs of the brain volume and compare it with the hidden
     python benchmarks/bench_mapping_fit.py                      # issue setting: impedance only
     python benchmarks/bench_mapping_fit.py --scenario all       # also attenuation + scattering
     python benchmarks/bench_mapping_fit.py --lines 48 --samples 96 --image-px 96 --pairs 8
+    python benchmarks/bench_mapping_fit.py --kind mlp           # fit an MLP (16 tanh units)
 
 Hidden mapping: the default T1 knots (``T1_TRANSFER_KNOTS``) with the impedance knots perturbed by
 up to +-``--perturb-pct`` % (monotone, knot 0 = water kept); scenario ``all`` also scales the
@@ -16,7 +17,9 @@ common factor, which reflection-only images cannot observe), the support of ever
 hat-function weight over the ray samples; constrained if >= 1 %), NCC on held-out poses (speckled
 images as rendered, and the specular component alone: speckle off, 120 dB display range so that
 nothing clips; this is the part that the impedance controls) for the initial and the fitted
-mapping, and the timings.
+mapping, and the timings. With ``--kind mlp`` an MLP mapping (default start: the default T1
+knots) is fitted to the same images and its flat-tissue curve (properties vs intensity) is
+compared with the hidden knots at the knot intensities.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ import numpy as np
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", default="impedance", choices=["impedance", "all"])
+    ap.add_argument("--kind", default="transfer", choices=["transfer", "mlp"],
+                    help="mapping to fit to the hidden transfer function's images [transfer]")
+    ap.add_argument("--mlp-hidden", default="16", help="MLP hidden layer sizes [16]")
+    ap.add_argument("--mlp-features", default="intensity", help="MLP features [intensity]")
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--holdout", type=int, default=5)
     ap.add_argument("--lines", type=int, default=96)
@@ -62,7 +69,14 @@ def main(argv=None) -> int:
         hidden[:, 1:] *= 1.0 + rng.uniform(-1, 1, (len(hidden), 2)) * a.perturb_other_pct / 100.0
         fit = ("impedance", "attenuation", "scattering")
     hidden_map = AcousticMapping("transfer", knots=hidden)
-    init = AcousticMapping("transfer")
+    if a.kind == "mlp":
+        from diffus_taichi.mlp_mapping import MLPParams
+
+        init = AcousticMapping("mlp", mlp=MLPParams(
+            tuple(f.strip() for f in a.mlp_features.split(",")),
+            tuple(int(h) for h in a.mlp_hidden.split(","))))
+    else:
+        init = AcousticMapping("transfer")
 
     t = time.perf_counter()
     poses = mf.random_poses(vol, a.pairs + a.holdout, seed=a.seed)
@@ -74,7 +88,7 @@ def main(argv=None) -> int:
     train, held = allp.split(a.pairs)
 
     t = time.perf_counter()
-    fitted, hist = mf.fit_mapping(vol, train, kind="transfer", init=init, iters=a.iters, lr=a.lr,
+    fitted, hist = mf.fit_mapping(vol, train, kind=a.kind, init=init, iters=a.iters, lr=a.lr,
                                   fit=fit, batch_size=a.batch, arch=a.arch,
                                   progress="force" if a.progress else False)
     t_fit = time.perf_counter() - t
@@ -90,18 +104,26 @@ def main(argv=None) -> int:
     hp = held.poses
     SPEC = dict(speckle="off", dynamic_range_db=120.0)     # specular part, nothing clipped
     spec_true = renderer.render(hidden_map, hp, **SPEC)
-    ncc_fit, mse_fit = scores(renderer.render(fitted, hp), held.images)
-    sncc_fit, _ = scores(renderer.render(fitted, hp, **SPEC), spec_true)
-    ncc_init, mse_init = scores(renderer.render(init, hp), held.images)
-    sncc_init, _ = scores(renderer.render(init, hp, **SPEC), spec_true)
+    # a Simulator cannot switch mapping kind: the MLP is evaluated on its own renderer
+    ev = renderer if a.kind == "transfer" else mf.PairRenderer(vol, probe, poses, init, settings,
+                                                                arch=a.arch)
+    ncc_fit, mse_fit = scores(ev.render(fitted, hp), held.images)
+    sncc_fit, _ = scores(ev.render(fitted, hp, **SPEC), spec_true)
+    ncc_init, mse_init = scores(ev.render(init, hp), held.images)
+    sncc_init, _ = scores(ev.render(init, hp, **SPEC), spec_true)
     t_eval = time.perf_counter() - t
 
-    cmp_ = mf.compare_params(fitted.knots, hidden, init.knots, hist["support"])
+    if a.kind == "mlp":     # the MLP's flat-tissue curve at the knot intensities
+        fitted_k, init_k = fitted.mlp.curve(len(hidden))[1], init.mlp.curve(len(hidden))[1]
+    else:
+        fitted_k, init_k = fitted.knots, init.knots
+    cmp_ = mf.compare_params(fitted_k, hidden, init_k, hist["support"])
     con = cmp_["constrained"]
-    print(f"# mapping fit benchmark: scenario {a.scenario}, brain T1 'transfer', probe craniotomy "
+    print(f"# mapping fit benchmark: scenario {a.scenario}, fit {a.kind} to brain T1 'transfer' "
+          f"images, probe craniotomy "
           f"{a.lines}x{a.samples} lines x samples, image {a.image_px}px, {a.pairs} training + "
           f"{a.holdout} held-out poses, {a.iters} Adam iterations, arch {a.arch}, fit {','.join(fit)}")
-    print(mf.format_table(fitted.knots, hidden, init.knots, hist["support"]))
+    print(mf.format_table(fitted_k, hidden, init_k, hist["support"]))
     props = [mf.FIT_PROPS.index(f) for f in fit]
     worst = float(np.max(cmp_["rel"][con][:, props]))
     worst_al = float(np.max(cmp_["rel_impedance_aligned"][con]))

@@ -4,7 +4,9 @@ scattering strength (dimensionless), either
 * ``tissue``: a tissue table (``assets/tissues.csv``, literature values with sources) applied
   through tissue-fraction channels: p = p_background + sum_c f_c (p_tissue(c) - p_background); or
 * ``transfer``: a piecewise-linear transfer function of normalised MRI intensity with K uniform
-  knots on [0, 1]; impedance must be non-decreasing in intensity (monotone).
+  knots on [0, 1]; impedance must be non-decreasing in intensity (monotone); or
+* ``mlp``: a small MLP of MRI intensity and optionally neighbourhood features
+  (:mod:`~diffus_taichi.mlp_mapping`), evaluated per voxel.
 
 The parameters live in Taichi fields (see :class:`~diffus_taichi.simulator.Simulator`) so that
 gradients can reach them.
@@ -23,6 +25,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 TISSUE_CSV = os.path.join(ASSETS, "tissues.csv")
 PROPS = ("impedance_MRayl", "attenuation_dB_cm_MHz", "scattering")
 BACKGROUND = "water"
+MAPPING_KINDS = ("tissue", "transfer", "mlp")
 
 
 @dataclass
@@ -110,9 +113,13 @@ T1_TRANSFER_KNOTS = np.array([
 class AcousticMapping:
     """How channels become acoustic properties.
 
-    kind: ``tissue`` (table + tissue-fraction channels) or ``transfer`` (intensity channel).
+    kind: ``tissue`` (table + tissue-fraction channels), ``transfer`` or ``mlp`` (intensity
+    channel).
     knots: (K, 3) transfer-function values [MRayl, dB/cm/MHz, scattering] at K uniform
     intensity knots on [0, 1] (kind ``transfer``).
+    mlp: :class:`~diffus_taichi.mlp_mapping.MLPParams` (kind ``mlp``; default: one hidden layer
+    of 16 tanh units on intensity, initialised to the T1 transfer function). Outside the volume
+    the background tissue (water) is assumed for ``mlp``.
     overrides: {tissue name: (MRayl, dB/cm/MHz, scattering)} replacing table rows.
     """
 
@@ -121,10 +128,20 @@ class AcousticMapping:
     knots: np.ndarray | None = None
     background: str = BACKGROUND
     overrides: dict = field(default_factory=dict)
+    mlp: "object | None" = None
 
     def __post_init__(self):
-        if self.kind not in ("tissue", "transfer"):
-            raise ValueError(f"mapping kind must be 'tissue' or 'transfer', got {self.kind!r}")
+        if self.kind not in MAPPING_KINDS:
+            raise ValueError(f"mapping kind must be one of {', '.join(MAPPING_KINDS)}, got {self.kind!r}")
+        if self.kind == "mlp":
+            from .mlp_mapping import MLPParams
+
+            if self.mlp is None:
+                self.mlp = MLPParams()
+            elif isinstance(self.mlp, dict):
+                self.mlp = MLPParams.from_dict(self.mlp)
+            elif not isinstance(self.mlp, MLPParams):
+                raise ValueError(f"mlp must be MLPParams or a dict, got {type(self.mlp).__name__}")
         if self.table is None:
             self.table = TissueTable.load()
         if self.kind == "transfer":
@@ -151,7 +168,7 @@ class AcousticMapping:
         names = [self.background]
         chan = []
         for cname in volume.channel_names:
-            if cname == "intensity" or self.kind == "transfer":
+            if cname == "intensity" or self.kind in ("transfer", "mlp"):
                 chan.append(-1)
                 continue
             if cname not in names:
@@ -161,8 +178,8 @@ class AcousticMapping:
         return rows, np.array(chan, dtype=np.int32), names
 
     def check_volume(self, volume) -> None:
-        if self.kind == "transfer" and volume.intensity_index is None:
-            raise ValueError(f"mapping 'transfer' needs an intensity channel; volume "
+        if self.kind in ("transfer", "mlp") and volume.intensity_index is None:
+            raise ValueError(f"mapping {self.kind!r} needs an intensity channel; volume "
                              f"{volume.name!r} has {volume.channel_names}")
         if self.kind == "tissue":
             missing = [n for n in volume.tissue_names if n not in self.table and n not in self.overrides]
@@ -180,6 +197,8 @@ class AcousticMapping:
              "overrides": {k: list(map(float, v)) for k, v in self.overrides.items()}}
         if self.kind == "transfer":
             d["knots"] = self.knots.tolist()
+        if self.kind == "mlp":
+            d["mlp"] = self.mlp.to_dict()
         return d
 
     def save(self, path: str) -> None:
@@ -195,22 +214,24 @@ class AcousticMapping:
                 d = json.load(fh)
         except Exception as e:
             raise ValueError(f"mapping file {path!r}: not valid JSON ({e})") from None
-        return cls(kind=d.get("kind", "tissue"), knots=d.get("knots"),
+        if not isinstance(d, dict):
+            raise ValueError(f"mapping file {path!r}: expected a JSON object, got {type(d).__name__}")
+        return cls(kind=d.get("kind", "tissue"), knots=d.get("knots"), mlp=d.get("mlp"),
                    background=d.get("background", BACKGROUND), overrides=d.get("overrides", {}))
 
 
 def get_mapping(spec, volume) -> AcousticMapping:
     """``None``/'auto' (tissue if the volume has tissue channels, else transfer), 'tissue',
-    'transfer', a JSON mapping file, or an AcousticMapping."""
+    'transfer', 'mlp', a JSON mapping file, or an AcousticMapping."""
     if isinstance(spec, AcousticMapping):
         m = spec
     elif spec in (None, "auto"):
         m = AcousticMapping("tissue" if volume.tissue_names else "transfer")
-    elif spec in ("tissue", "transfer"):
+    elif spec in MAPPING_KINDS:
         m = AcousticMapping(spec)
     elif isinstance(spec, str) and (spec.endswith(".json") or os.path.exists(spec)):
         m = AcousticMapping.load(spec)
     else:
-        raise ValueError(f"unknown mapping {spec!r}: use auto, tissue, transfer or a .json file")
+        raise ValueError(f"unknown mapping {spec!r}: use auto, tissue, transfer, mlp or a .json file")
     m.check_volume(volume)
     return m

@@ -6,7 +6,10 @@ backpropagation through the renderer.
     mapping.save("mapping.json")            # diffus-taichi render --mapping mapping.json
 
 Parameters: the (K, 3) transfer-function knots [MRayl, dB/cm/MHz, scattering] (kind
-``transfer``) or the (T, 3) tissue-table rows (kind ``tissue``); ``fit`` selects the columns.
+``transfer``), the (T, 3) tissue-table rows (kind ``tissue``; ``fit`` selects the columns) or
+the flat weights of a small MLP (kind ``mlp``, :mod:`~diffus_taichi.mlp_mapping`; ``fit``
+selects which output rows learn, the hidden layers are shared; the impedance output bias, a
+common log-impedance offset, is the unobservable gauge and stays fixed).
 Each iteration sums d loss / d parameters over the pairs (``Simulator.value_and_grad(pose,
 wrt=("pose", "mapping"))``), takes an Adam step (impedance in log units, attenuation and
 scattering relative to their scale) and projects back onto the constraints: impedance >= 0.1
@@ -382,6 +385,9 @@ def _target_selector(sim, images, loss: str):
 
 
 def _write_params(sim, kind, P):
+    if kind == "mlp":
+        sim.set_mapping_params(mlp=P)     # outside the volume stays the background tissue
+        return
     if kind == "transfer":
         sim.set_mapping_params(knots=P)
     else:
@@ -394,6 +400,12 @@ def mapping_from_params(P: np.ndarray, kind: str, template: AcousticMapping,
                         volume: Volume) -> AcousticMapping:
     """An :class:`AcousticMapping` holding fitted parameters (knots, or tissue-table rows as
     overrides)."""
+    if kind == "mlp":
+        from .mlp_mapping import MLPParams
+
+        m = template.mlp
+        return AcousticMapping("mlp", table=template.table, background=template.background,
+                               mlp=MLPParams(m.features, m.hidden, weights=np.asarray(P, np.float64)))
     if kind == "transfer":
         return AcousticMapping("transfer", table=template.table, knots=np.asarray(P, np.float64),
                                background=template.background, overrides=dict(template.overrides))
@@ -601,8 +613,8 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
         volume: built-in name, NIfTI path or Volume (the MRI the poses refer to).
         pairs: :class:`Pairs`, ``.npz`` path, directory, dict or list of (pose, image).
         probe: probe of the images (default: the one stored with the pairs).
-        kind: ``transfer`` (intensity knots) or ``tissue`` (tissue-table rows); ignored when
-            ``init`` is an AcousticMapping/JSON.
+        kind: ``transfer`` (intensity knots), ``tissue`` (tissue-table rows) or ``mlp`` (MLP
+            weights); ignored when ``init`` is an AcousticMapping/JSON.
         init: initial mapping (AcousticMapping, JSON path, or None for the defaults of ``kind``).
         loss: image loss (``mse`` keeps absolute brightness; ``ncc`` does not).
         iters: Adam iterations; each sums the gradient over ``batch_size`` pairs (all if None).
@@ -664,8 +676,9 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
             raise ValueError(f"renderer: imaging settings differ from the pairs' ({bad or 'echo_model'})")
         renderer.check_poses(pairs.poses)
         sim.upload_mapping(mapping0)
-    if kind == "transfer":
-        support = knot_support(volume, probe, pairs.poses, len(mapping0.knots),
+    if kind in ("transfer", "mlp"):
+        n_knots = len(mapping0.knots) if kind == "transfer" else len(T1_TRANSFER_KNOTS)
+        support = knot_support(volume, probe, pairs.poses, n_knots,
                                line_stride=max(1, probe.n_lines // 64),
                                sample_stride=max(1, probe.n_samples // 128))
     else:
@@ -673,6 +686,9 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
     constrained = support >= min_support
 
     select = _target_selector(sim, pairs.images, loss)
+    if kind == "mlp":
+        return _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final,
+                        batch_size, seed, progress, callback, support, constrained, t0)
 
     P = (np.array(mapping0.knots, dtype=np.float64) if kind == "transfer"
          else mapping0.table_arrays(sim.volume)[0].astype(np.float64))
@@ -760,6 +776,62 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
     return fitted, hist
 
 
+def _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final, batch_size, seed,
+             progress, callback, support, constrained, t0):
+    """Adam on the flat MLP weights (see :func:`fit_mapping`); output rows of properties not in
+    ``fit`` and the impedance output bias (gauge) stay at their initial values."""
+    mp = mapping0.mlp
+    w0 = mp.weights.copy()
+    H = mp.sizes[-2]
+    o = mp.n_params - (3 * H + 3)
+    out_w, out_b = np.arange(o, o + 3 * H).reshape(3, H), np.arange(o + 3 * H, o + 3 * H + 3)
+    free = np.ones(mp.n_params, bool)
+    free[out_b[0]] = False
+    for c, name in enumerate(FIT_PROPS):
+        if name not in fit:
+            free[out_w[c]] = False
+            free[out_b[c]] = False
+    w = w0.copy()
+    opt = Adam(w.shape, lr)
+    rng = np.random.default_rng(seed)
+    n = len(pairs)
+    bs = n if not batch_size else min(int(batch_size), n)
+    hist = {"loss": [], "params": [], "init": w0.copy(), "t_iter": []}
+    enabled = None if progress is True else (progress == "force")
+    with Progress(iters, "fit mlp mapping", enabled=enabled) as bar:
+        for it in range(iters):
+            idx = np.arange(n) if bs == n else rng.choice(n, bs, replace=False)
+            val, G = 0.0, np.zeros_like(w)
+            for i in idx:
+                select(i)
+                v, g = sim.value_and_grad(Pose.from_vector(pairs.poses[i]), wrt=("pose", "mapping"))
+                val += v / len(idx)
+                G += g["mlp"] / len(idx)
+            if not np.all(np.isfinite(G)):
+                raise RuntimeError(f"non-finite MLP gradient at iteration {it}")
+            frac = it / max(1, iters - 1)
+            lr_scale = lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
+            w = w + np.where(free, opt.step(np.where(free, G, 0.0), lr_scale), 0.0)
+            _write_params(sim, "mlp", w)
+            hist["loss"].append(val)
+            hist["params"].append(w.copy())
+            hist["t_iter"].append(time.perf_counter() - t0)
+            bar.update(1, loss=val)
+            if callback is not None:
+                callback(it, val, w)
+    final = 0.0
+    for i in range(n):
+        select(i)
+        final += sim.loss(Pose.from_vector(pairs.poses[i]))
+    hist.update(final_loss=final / n, support=support, constrained=constrained, fit=fit,
+                seconds=time.perf_counter() - t0, kind="mlp", anchor="impedance output bias",
+                s_per_iter=(time.perf_counter() - t0) / max(1, iters))
+    fitted = mapping_from_params(w, "mlp", mapping0, volume)
+    log.info("MLP mapping fit: %d pairs, %d iterations, loss %.4g -> %.4g, %.1f s", n, iters,
+             hist["loss"][0] if hist["loss"] else float("nan"), hist["final_loss"], hist["seconds"])
+    return fitted, hist
+
+
 # ---------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------
@@ -819,13 +891,24 @@ def cmd_fit_mapping(a) -> int:
     if a.no_speckle:
         settings["speckle"] = "off"
     init = a.mapping if a.mapping not in (None, "auto") else a.kind
+    if init == "mlp":
+        from .mlp_mapping import MLPParams
+
+        try:
+            hidden_sizes = tuple(int(v) for v in a.mlp_hidden.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--mlp-hidden: expected comma-separated integers, got {a.mlp_hidden!r}") from None
+        feats = tuple(v.strip() for v in a.mlp_features.split(",") if v.strip())
+        init = AcousticMapping("mlp", mlp=MLPParams(feats, hidden_sizes))
     held, renderer = None, None
     if a.synthetic:
         probe = _probe_from_args(argparse.Namespace(**dict(vars(a), probe=a.probe or "craniotomy")))
         hidden = (AcousticMapping.load(a.hidden) if a.hidden else
                   AcousticMapping("transfer", knots=perturbed_knots(pct=a.perturb_pct, seed=a.rng_seed)))
-        if get_mapping(init, volume).kind != hidden.kind:
-            raise ValueError(f"--synthetic: the hidden mapping is {hidden.kind!r}; fit the same kind")
+        fit_kind = get_mapping(init, volume).kind
+        if fit_kind != hidden.kind and not (fit_kind == "mlp" and hidden.kind == "transfer"):
+            raise ValueError(f"--synthetic: the hidden mapping is {hidden.kind!r}; fit the same "
+                             "kind (or an mlp to a hidden transfer function)")
         s = {"seed": 1}
         s.update({k: v for k, v in settings.items() if v is not None and k != "echo_model"})
         s.setdefault("speckle", "coherent")
@@ -839,6 +922,8 @@ def cmd_fit_mapping(a) -> int:
             all_pairs.save(a.pairs)
             log.info("wrote %d synthetic pairs to %s", len(all_pairs), a.pairs)
         pairs, held = all_pairs.split(a.synthetic)
+        if fit_kind != hidden.kind:      # a Simulator cannot switch mapping kind: fit on another
+            renderer = None
     else:
         if not a.pairs:
             raise ValueError("give --pairs FILE.npz|DIR (or --synthetic N)")
@@ -859,11 +944,17 @@ def cmd_fit_mapping(a) -> int:
     names = None
     if hist["kind"] == "tissue":
         names = [n[:6] for n in mapping.table_arrays(volume)[2]]
-    P = np.asarray(mapping.knots) if hist["kind"] == "transfer" else mapping.table_arrays(volume)[0]
     T = None
-    if true is not None and true.kind == hist["kind"]:
+    if true is not None and (true.kind == hist["kind"] or (hist["kind"], true.kind) == ("mlp", "transfer")):
         T = np.asarray(true.knots) if true.kind == "transfer" else true.table_arrays(volume)[0]
-    print(format_table(P, T, hist["init"], hist["support"], names=names))
+    if hist["kind"] == "mlp":     # compare the MLP's flat-tissue curve at the knot intensities
+        K = len(hist["support"])
+        P = mapping.mlp.curve(K)[1]
+        P_init = mapping_from_params(hist["init"], "mlp", mapping, volume).mlp.curve(K)[1]
+    else:
+        P = np.asarray(mapping.knots) if hist["kind"] == "transfer" else mapping.table_arrays(volume)[0]
+        P_init = hist["init"]
+    print(format_table(P, T, P_init, hist["support"], names=names))
     print(f"loss {hist['loss'][0] if hist['loss'] else float('nan'):.5g} -> {hist['final_loss']:.5g} "
           f"({len(pairs)} pairs, {a.iters} iterations, {hist['seconds']:.1f} s)")
     if held is not None and len(held):
@@ -901,8 +992,12 @@ def add_fit_parser(sub) -> None:
                    help="pairs .npz (poses (P,6) [mm, rotvec rad], images (P,H,W), optional probe/"
                         "settings JSON) or a directory of `render --save-npz` files; with "
                         "--synthetic: where to save the generated pairs")
-    f.add_argument("--kind", default="transfer", choices=["transfer", "tissue"],
+    f.add_argument("--kind", default="transfer", choices=["transfer", "tissue", "mlp"],
                    help="mapping to fit when --mapping gives no initial one [transfer]")
+    f.add_argument("--mlp-hidden", default="16",
+                   help="--kind mlp: hidden layer sizes, comma separated (1-3 layers) [16]")
+    f.add_argument("--mlp-features", default="intensity",
+                   help="--kind mlp: comma list of intensity, local_mean, gradient_mm [intensity]")
     f.add_argument("--fit", default="impedance",
                    help="comma list of impedance, attenuation, scattering [impedance]")
     f.add_argument("--loss", default="mse", choices=["mse", "ncc", "lncc", "lc2"],

@@ -120,7 +120,7 @@ class Simulator:
                                               for _ in range(4))
         rows, chan, self.table_names = self.mapping.table_arrays(v)
         self.tf_chan = v.intensity_index if self.mapping.kind == "transfer" else -1
-        shared = ("vol", "w2v", "gradT", "table", "chan_tissue", "tf", "props", "outside")
+        shared = ("vol", "w2v", "gradT", "table", "chan_tissue", "tf", "mlp_w", "props", "outside")
         if self._shared is not None:
             for name in shared:
                 setattr(self, name, getattr(self._shared, name))
@@ -132,6 +132,8 @@ class Simulator:
             self.chan_tissue = ti.field(ti.i32, shape=len(chan))
             knots = self.mapping.knots if self.mapping.kind == "transfer" else np.zeros((2, 3))
             self.tf = ti.field(real, shape=knots.shape, needs_grad=gm)
+            n_mlp = self.mapping.mlp.n_params if self.mapping.kind == "mlp" else 1
+            self.mlp_w = ti.field(real, shape=n_mlp, needs_grad=gm)
             self.props = ti.Vector.field(3, real, shape=v.shape, needs_grad=gm)
             self.outside = ti.Vector.field(3, real, shape=())
 
@@ -197,6 +199,10 @@ class Simulator:
             self.set_outside(self.mapping.knots[0])
         else:
             self.set_outside(rows[0])
+        if self.mapping.kind == "mlp":
+            if self.mapping.mlp.n_params != self.mlp_w.shape[0]:
+                raise ValueError("cannot change the MLP layout on an existing Simulator")
+            self.mlp_w.from_numpy(self.mapping.mlp.weights.astype(self._np_real))
         self.update_acoustics()
 
     def set_outside(self, props) -> None:
@@ -206,7 +212,14 @@ class Simulator:
 
     def update_acoustics(self):
         """Recompute the acoustic-property volume from the channels and mapping fields."""
-        march.acoustic_volume(self.vol, self.table, self.chan_tissue, self.tf, self.tf_chan, self.props)
+        if self.mapping.kind == "mlp":
+            from .mlp_mapping import mlp_kernel
+
+            mlp_kernel(self.mapping.mlp)(self.vol, self.volume.intensity_index, self.gradT,
+                                         self.mlp_w, self.props)
+        else:
+            march.acoustic_volume(self.vol, self.table, self.chan_tissue, self.tf, self.tf_chan,
+                                  self.props)
 
     # --- rendering ----------------------------------------------------------------------------
     def set_pose(self, pose: Pose | None = None):
@@ -380,7 +393,8 @@ class Simulator:
 
         Returns (loss, grads) with grads["pose"] (6,) = d loss / d [tx, ty, tz (mm), wx, wy, wz
         (rad)]; with ``"mapping" in wrt`` also grads["table"] (T, 3) (rows ``self.table_names``,
-        columns MRayl, dB/cm/MHz, scattering) and grads["knots"] (K, 3) for a transfer mapping.
+        columns MRayl, dB/cm/MHz, scattering) and grads["knots"] (K, 3) for a transfer mapping
+        or grads["mlp"] (P,) (flat MLP weights) for an MLP mapping.
         ``target`` (optional) calls :meth:`set_loss` first."""
         if not self.requires_grad:
             raise RuntimeError("this Simulator was built with requires_grad=False")
@@ -425,9 +439,12 @@ class Simulator:
             out["table"] = self.table.grad.to_numpy().astype(np.float64)
             if self.mapping.kind == "transfer":
                 out["knots"] = self.tf.grad.to_numpy().astype(np.float64)
+            if self.mapping.kind == "mlp":
+                out["mlp"] = self.mlp_w.grad.to_numpy().astype(np.float64)
         return out
 
-    def set_mapping_params(self, table: np.ndarray | None = None, knots: np.ndarray | None = None):
+    def set_mapping_params(self, table: np.ndarray | None = None, knots: np.ndarray | None = None,
+                           mlp: np.ndarray | None = None):
         """Write raw parameter arrays (as in :meth:`mapping_params`) into the Taichi fields and
         recompute the acoustic-property volume."""
         if table is not None:
@@ -443,11 +460,22 @@ class Simulator:
             if self.mapping.kind == "transfer":
                 self.set_outside(knots[0])
                 self.mapping.knots = knots.copy()
+        if mlp is not None:
+            if self.mapping.kind != "mlp":
+                raise ValueError("set_mapping_params(mlp=...) needs an 'mlp' mapping")
+            mlp = np.asarray(mlp, dtype=np.float64).ravel()
+            if mlp.shape != (self.mapping.mlp.n_params,) or not np.all(np.isfinite(mlp)):
+                raise ValueError(f"mlp weights must be {self.mapping.mlp.n_params} finite values")
+            self.mlp_w.from_numpy(mlp.astype(self._np_real))
+            self.mapping.mlp.weights = mlp.copy()
         self.update_acoustics()
 
     def mapping_params(self) -> dict:
-        return {"table": self.table.to_numpy().astype(np.float64),
-                "knots": self.tf.to_numpy().astype(np.float64)}
+        out = {"table": self.table.to_numpy().astype(np.float64),
+               "knots": self.tf.to_numpy().astype(np.float64)}
+        if self.mapping.kind == "mlp":
+            out["mlp"] = self.mlp_w.to_numpy().astype(np.float64)
+        return out
 
 
 def sample_trilinear_np(data: np.ndarray, idx: np.ndarray) -> np.ndarray:

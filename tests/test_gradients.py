@@ -6,6 +6,7 @@ import pytest
 
 from diffus_taichi import Pose, Volume, backend, get_probe
 from diffus_taichi.acoustics import AcousticMapping
+from diffus_taichi.mlp_mapping import MLPParams
 from diffus_taichi.simulator import Simulator
 
 
@@ -20,7 +21,7 @@ def _smooth_volume(kind, seed=3, n=40, spacing=1.0):
         fields.append((f - f.min()) / (f.max() - f.min()))
     affine = np.diag([spacing] * 3 + [1.0])
     affine[:3, 3] = -spacing * (n - 1) / 2
-    if kind == "transfer":
+    if kind in ("transfer", "mlp"):
         return Volume(fields[0][..., None], affine, ("intensity",), name="smooth")
     gm = 0.6 * fields[0]
     wm = 0.4 * fields[1]
@@ -33,8 +34,19 @@ POSE0 = Pose.look_at((0.3, -0.2, 8.0), (0.1, 0.05, -1.0), (1.0, 0.2, 0.0))
 SETTINGS = dict(dynamic_range_db=300.0, gain_db=0.0, noise_cell_mm=0.7)   # nothing clips
 
 
+# MLP on intensity and both neighbourhood features, two hidden layers (static unrolling)
+MLP = dict(features=("intensity", "local_mean", "gradient_mm"), hidden=(6, 4), seed=2)
+GRAD_KEY = {"tissue": "table", "transfer": "knots", "mlp": "mlp"}
+
+
+def _mapping(kind):
+    if kind == "mlp":
+        return AcousticMapping("mlp", mlp=MLPParams(**MLP))
+    return AcousticMapping(kind)
+
+
 def _sim(kind, arch, precision, model="primary", requires_grad=True, loss="mse", **settings):
-    mapping = AcousticMapping(kind) if kind == "transfer" else AcousticMapping("tissue")
+    mapping = _mapping(kind)
     sim = Simulator(_smooth_volume(kind), probe=PROBE, mapping=mapping, echo_model=model,
                     arch=arch, precision=precision, requires_grad=requires_grad,
                     **{**SETTINGS, **settings})
@@ -68,59 +80,58 @@ def test_pose_gradient_matches_finite_differences_f64(cpu64, model, loss):
 
 
 def _fd_params(sim, which, idx, h=1e-7):
+    """Five-point central differences of the loss w.r.t. mapping parameters (error O(h^4):
+    the MLP's first-layer weights have a large third derivative)."""
     p = sim.mapping_params()
     out = []
     for ij in idx:
-        vals = []
-        for sgn in (1, -1):
-            q = {k: v.copy() for k, v in p.items()}
-            q[which][ij] += sgn * h
+        f = {}
+        for k in (-2, -1, 1, 2):
+            q = {key: v.copy() for key, v in p.items()}
+            q[which][ij] += k * h
             sim.set_mapping_params(**{which: q[which]})
-            vals.append(sim.loss(POSE0))
-        out.append((vals[0] - vals[1]) / (2 * h))
-    sim.set_mapping_params(**p)
+            f[k] = sim.loss(POSE0)
+        out.append((8 * (f[1] - f[-1]) - (f[2] - f[-2])) / (12 * h))
+    sim.set_mapping_params(**{which: p[which]})
     return np.array(out)
 
 
-@pytest.mark.parametrize("kind", ["tissue", "transfer"])
+@pytest.mark.parametrize("kind", ["tissue", "transfer", "mlp"])
 def test_mapping_gradient_matches_finite_differences_f64(cpu64, kind):
     sim = _sim(kind, "cpu", "f64")
     _, g = sim.value_and_grad(POSE0, wrt=("pose", "mapping"))
-    if kind == "tissue":
-        idx = [(r, c) for r in range(sim.table.shape[0]) for c in range(3)]
-        ref = _fd_params(sim, "table", idx)
-        got = np.array([g["table"][ij] for ij in idx])
-    else:
-        idx = [(k, c) for k in range(sim.tf.shape[0]) for c in range(3)]
-        ref = _fd_params(sim, "knots", idx)
-        got = np.array([g["knots"][ij] for ij in idx])
+    key = GRAD_KEY[kind]
+    idx = list(np.ndindex(*g[key].shape))
+    ref = _fd_params(sim, key, idx)
+    got = np.array([g[key][ij] for ij in idx])
     assert np.abs(ref).max() > 0
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), np.c_[got, ref]
 
 
-# f32 tolerance per parameter group (max error / max |reference|). The impedance entries of the
-# mapping get their gradient through differences of consecutive reflections (a telescoping sum
-# that cancels to ~1 part in 30-100), which f32 resolves only to a few per cent. Measured on CPU
-# and Vulkan: pose 7e-4 (tissue table) and 1.4-3.4e-3 (transfer function), attenuation and
-# scattering entries < 1e-3, impedance entries 1-4e-2. The issue's goal is 1e-3 for all.
-F32_TOL = {"pose": 5e-3, "table": 5e-2, "knots": 5e-2}
+# f32 vs CPU-f64 gradients, max error / max |reference| per parameter group, at four poses, for
+# every mapping kind and every echo model: the issue's bound is 1e-3 (impedances are held as deviations from
+# Z_REF, so consecutive differences keep their digits in f32).
+F32_POSES = [POSE0] + [POSE0.moved(d, np.radians(a)) for d, a in
+                       [((1.5, -1.0, 0.5), (6, -4, 8)), ((-2.0, 1.0, 1.0), (-8, 5, -3)),
+                        ((0.5, 2.0, 0.0), (3, 9, -7))]]
 
 
-@pytest.mark.parametrize("kind", ["tissue", "transfer"])
-def test_f32_gradients_match_cpu_f64(arch, kind):
+@pytest.mark.parametrize("kind, model", [("tissue", "primary"), ("transfer", "primary"),
+                                         ("mlp", "primary"), ("tissue", "layered"),
+                                         ("transfer", "reverb")])
+def test_f32_gradients_match_cpu_f64(arch, kind, model):
     display = dict(dynamic_range_db=60.0, gain_db=0.0)      # a realistic display chain
-    sim = _sim(kind, arch, "f32", loss="ncc", **display)
-    l32, g32 = sim.value_and_grad(POSE0, wrt=("pose", "mapping"))
+    sim = _sim(kind, arch, "f32", model=model, loss="ncc", **display)
+    res32 = [sim.value_and_grad(p, wrt=("pose", "mapping")) for p in F32_POSES]
     backend.ensure("cpu", "f64")
-    ref_sim = _sim(kind, "cpu", "f64", loss="ncc", **display)
-    l64, g64 = ref_sim.value_and_grad(POSE0, wrt=("pose", "mapping"))
-    assert abs(l32 - l64) <= 1e-4
-    for key in ("pose", "table" if kind == "tissue" else "knots"):
-        err = np.abs(g32[key] - g64[key]).max() / np.abs(g64[key]).max()
-        assert err <= F32_TOL[key], (key, err)
-        if key != "pose":   # attenuation and scattering columns meet 1e-3
-            err_as = np.abs(g32[key][:, 1:] - g64[key][:, 1:]).max() / np.abs(g64[key][:, 1:]).max()
-            assert err_as <= 1e-3, (key, err_as)
+    ref_sim = _sim(kind, "cpu", "f64", model=model, loss="ncc", **display)
+    for p, (l32, g32) in zip(F32_POSES, res32):
+        l64, g64 = ref_sim.value_and_grad(p, wrt=("pose", "mapping"))
+        assert abs(l32 - l64) <= 1e-4
+        for key in ("pose", GRAD_KEY[kind]):
+            assert np.abs(g64[key]).max() > 0
+            err = np.abs(g32[key] - g64[key]).max() / np.abs(g64[key]).max()
+            assert err <= 1e-3, (key, err)
 
 
 def test_no_nan_over_random_poses_including_rays_leaving_the_volume(cpu32):
