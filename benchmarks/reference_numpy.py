@@ -4,19 +4,32 @@
   re-implementation of ``Simulator``'s ``primary`` pipeline: tissue-table or transfer-function
   mapping per voxel (the acoustic-property volume, pose-independent, built once), rays from the
   pose, trilinear march with the analytic gradient of the impedance interpolant (incidence-angle
-  weight), tissue-fixed value noise (the same murmur-style uint32 hash as
-  ``march.py``), round-trip log transmission + exclusive cumsum, primary echo, RF, axial I/Q taps,
-  lateral beam sum, envelope, TGC + log compression and bilinear scan conversion. It reuses the
-  package's *NumPy* helpers only (probe geometry, ``mapping.table_arrays``, ``image.axial_taps``,
-  ``image.lateral_weights``, ``scan.scan_lookup``), never a Taichi kernel.
+  weight), coherent tissue-fixed lattice scatterers as ``march.scatterer_sum`` (same uint32
+  murmur hash and second hash ``fmix_u32(h ^ 0x9E3779B9)``), same Irwin-Hall amplitudes, lattice
+  shift, SCAT_AMP, trilinear weights of the 8 cells and round-trip phases; the phases use a
+  mirror of ``march.fast_cos_sin``/``cell_phasors``, not np.cos/np.sin, which differ by ~4e-6),
+  ``elevation_planes`` 1 or 3 (``march.elevation_axes``, strength re-sampled on each plane),
+  round-trip log transmission + exclusive cumsum, primary echo, complex RF (rf, rf_q), complex
+  axial I/Q taps, lateral beam sum, envelope, ``speckle='mean'`` expected envelope (per-depth
+  ``image.speckle_power_factor``), TGC + log compression and bilinear scan conversion. It reuses
+  the package's *NumPy* helpers only (probe geometry, ``mapping.table_arrays``,
+  ``image.axial_taps``, ``image.lateral_weights``, ``image.elevation_planes``,
+  ``image.speckle_power_factor``, ``image.line_spacing_mm``, ``scan.scan_lookup``) and constants
+  of ``march`` (LATTICE_SHIFT, SCAT_AMP), never a Taichi kernel.
 
   Agreement with the Taichi CPU float64 render (measured on the 2-core dev box, brain volume,
-  craniotomy probe, 512x512 fan, default pose and a moved pose): max |fan_numpy - fan_taichi_f64|
-  = 2.8e-12 at 64x128 and 1.3e-12 at 256x512 lines x samples (fan values in [0, 1]; every stage
-  from impedance to B-mode lines agrees to <= 3e-12, incidence cosine to 4e-10); transfer-function
-  mapping 1.6e-12; speckle off + custom TGC/seed/cell 3.6e-15. Against the Taichi float32 renders
-  (cpu and vulkan) the difference is 4e-4 .. 1.6e-3 (f32 rounding amplified by the log
-  compression). ``bench_render.py`` re-measures and prints these every run.
+  craniotomy probe, 512x512 fan, default pose and a moved pose, default settings = coherent
+  speckle, 1 elevation plane, cell 0.08 mm): max |fan_numpy - fan_taichi_f64| = 1.8e-12 at
+  128x256 lines x samples (``bench_render.py --arch cpu --sizes 64x128,128x256``); at 64x128:
+  transfer-function mapping 1.4e-12, elevation_planes=3 5.6e-12, speckle='mean' 1.5e-14,
+  speckle off + custom TGC/seed/cell 2.4e-14. Per stage (32x64, f64): scatterers I and Q
+  <= 3e-13, RF <= 9e-14, B-mode lines <= 4e-12, incidence cosine 2e-10. Against the Taichi
+  float32 CPU render the difference is 9.0e-4 (64x128) and 1.5e-3 (128x256) with coherent
+  speckle (99.9th percentile 2.9e-4, median 0): f32 rounding of the lattice coordinate
+  (|x / cell| up to ~900 cells, f32 spacing 6e-5 cell, i.e. ~3e-4 rad of round-trip phase at
+  k2h = 4.9 rad; |scat| differs by <= 2e-4 of <= 0.25) amplified by the log compression in
+  the dark spots of the speckle; with speckle off or 'mean' the f32 difference is <= 1.4e-5.
+  ``bench_render.py`` re-measures the f64 and f32 figures every run.
 
 * :func:`prototype_dense_returns`: the prior prototype's algorithm for the layered (all internal
   multiples, steady state) surface returns: one dense 2(n+1)-unknown linear solve per depth n,
@@ -38,7 +51,7 @@ from diffus_taichi.pose import Pose
 
 from diffus_taichi.echo import NEPER_PER_DB   # noqa: E402  (constants only)
 from diffus_taichi.image import DB_PER_NEPER  # noqa: E402
-SQRT6 = 2.449489742783178
+from diffus_taichi.march import LATTICE_SHIFT, SCAT_AMP, _COS_POLY_AT_HALF_PI  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,30 +86,102 @@ def hash_u32(i, j, k, seed: int) -> np.ndarray:
     return h
 
 
-def lattice_value(i, j, k, seed: int) -> np.ndarray:
-    """``march.lattice_value``: zero-mean unit-variance triangular value per lattice point."""
-    h = hash_u32(i, j, k, seed)
-    u1 = (h & _U32(0xFFFF)).astype(np.float64) / 65536.0
-    u2 = (h >> _U32(16)).astype(np.float64) / 65536.0
-    return (u1 + u2 - 1.0) * SQRT6
+def fmix_u32(h: np.ndarray) -> np.ndarray:
+    """``march.fmix_u32``: murmur3 finaliser of a uint32 array."""
+    h = np.asarray(h, dtype=np.uint32).copy()
+    with np.errstate(over="ignore"):
+        h ^= h >> _U32(16)
+        h *= _U32(0x85EBCA6B)
+        h ^= h >> _U32(13)
+        h *= _U32(0xC2B2AE35)
+        h ^= h >> _U32(16)
+    return h
 
 
-def tissue_noise(x: np.ndarray, cell_mm: float, seed: int) -> np.ndarray:
-    """``march.tissue_noise``: trilinear value noise at world points x (..., 3) mm."""
-    q = x / cell_mm
+def irwin_hall4(h: np.ndarray) -> np.ndarray:
+    """``march._irwin_hall4``: zero-mean value of variance 1/2 from the four bytes of h."""
+    u = ((h & _U32(0xFF)).astype(np.int64) + ((h >> _U32(8)) & _U32(0xFF)).astype(np.int64)
+         + ((h >> _U32(16)) & _U32(0xFF)).astype(np.int64) + (h >> _U32(24)).astype(np.int64))
+    return (u.astype(np.float64) - 510.0) * (1.2247448713915890 / 256.0)
+
+
+def fast_cos_sin(t):
+    """``march.fast_cos_sin`` (the same polynomial, operation for operation): (cos t, sin t)
+    to ~4e-6. Mirrored rather than np.cos/np.sin so that f64 renders agree to rounding."""
+    t = np.asarray(t, dtype=np.float64)
+    n = np.floor(t * 0.15915494309189535 + 0.5)
+    u = 0.5 * (t - n * 6.283185307179586)
+    u2 = u * u
+    sn = u * (1.0 - u2 / 6.0 * (1.0 - u2 / 20.0 * (1.0 - u2 / 42.0 * (1.0 - u2 / 72.0))))
+    cs = 1.0 - u2 / 2.0 * (1.0 - u2 / 12.0 * (1.0 - u2 / 30.0 * (1.0 - u2 / 56.0 * (1.0 - u2 / 90.0))))
+    cs = cs - _COS_POLY_AT_HALF_PI * u2 * 0.40528473456935109
+    return cs * cs - sn * sn, 2.0 * sn * cs
+
+
+def cell_phasors(d: np.ndarray, k2h: float) -> np.ndarray:
+    """``march.cell_phasors`` for directions d (..., 3): (..., 8, 2), row 4a + 2b + c =
+    [cos, sin] of -k2h (a dx + b dy + c dz)."""
+    cx, sx = fast_cos_sin(-k2h * d[..., 0])
+    cy, sy = fast_cos_sin(-k2h * d[..., 1])
+    cz, sz = fast_cos_sin(-k2h * d[..., 2])
+    cxy, sxy = cx * cy - sx * sy, cx * sy + sx * cy
+    cxz, sxz = cx * cz - sx * sz, cx * sz + sx * cz
+    cyz, syz = cy * cz - sy * sz, cy * sz + sy * cz
+    cxyz, sxyz = cxy * cz - sxy * sz, cxy * sz + sxy * cz
+    one, zero = np.ones_like(cx), np.zeros_like(cx)
+    rows = [(one, zero), (cz, sz), (cy, sy), (cyz, syz), (cx, sx), (cxz, sxz), (cxy, sxy),
+            (cxyz, sxyz)]
+    return np.stack([np.stack(r, -1) for r in rows], -2)
+
+
+def scatterer_sum(P: np.ndarray, x: np.ndarray, d: np.ndarray, inv_cell_mm: float, k2h: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``march.scatterer_sum``: complex sum (I, Q) of the tissue-fixed lattice scatterers of the
+    8 cells around world points x (..., 3) mm seen along unit directions d (broadcast to x):
+    sum_j w_j A_j exp(-i 2k (c_j - x).d), A_j = a_j + i b_j hashed per cell (Irwin-Hall from
+    ``hash_u32`` and ``fmix_u32(h ^ 0x9E3779B9)``), P = cell_phasors(d, k2h) (broadcast, (..., 8, 2))."""
+    q = x * inv_cell_mm + np.asarray(LATTICE_SHIFT)
     f0 = np.floor(q)
-    i0 = f0.astype(np.int32)
+    i0 = f0.astype(np.int64)
     f = q - f0
-    acc = np.zeros(x.shape[:-1])
+    d = np.broadcast_to(d, x.shape)
+    bc, bs = fast_cos_sin(k2h * (f[..., 0] * d[..., 0] + f[..., 1] * d[..., 1]
+                                 + f[..., 2] * d[..., 2]))
+    P = np.broadcast_to(P, x.shape[:-1] + (8, 2))
+    ai = np.zeros(x.shape[:-1])
+    aq = np.zeros(x.shape[:-1])
     for a in (0, 1):
         wa = f[..., 0] if a else 1.0 - f[..., 0]
         for b in (0, 1):
             wb = f[..., 1] if b else 1.0 - f[..., 1]
             for c in (0, 1):
                 wc = f[..., 2] if c else 1.0 - f[..., 2]
-                acc += wa * wb * wc * lattice_value(i0[..., 0] + a, i0[..., 1] + b,
-                                                    i0[..., 2] + c, seed)
-    return acc
+                w = wa * wb * wc
+                h = hash_u32(i0[..., 0] + a, i0[..., 1] + b, i0[..., 2] + c, seed)
+                h2 = fmix_u32(h ^ _U32(0x9E3779B9))
+                sa = w * irwin_hall4(h)
+                sb = w * irwin_hall4(h2)
+                n = 4 * a + 2 * b + c
+                if n == 0:
+                    ai += sa
+                    aq += sb
+                else:
+                    pr, pi = P[..., n, 0], P[..., n, 1]
+                    ai += sa * pr - sb * pi
+                    aq += sa * pi + sb * pr
+    return SCAT_AMP * (ai * bc - aq * bs), SCAT_AMP * (ai * bs + aq * bc)
+
+
+def elevation_axes(ro: np.ndarray, rd: np.ndarray, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``march.elevation_axes``: unit elevation axis per ray (world) and the same vector in voxel
+    index units (M: the 3x3 linear part of world_to_voxel)."""
+    R = ro.shape[0]
+    r = np.arange(R)
+    r1, r2 = np.maximum(r - 1, 0), np.minimum(r + 1, R - 1)
+    t = (ro[r2] - ro[r1]) + (rd[r2] - rd[r1])
+    e = np.cross(rd, t)
+    e = e / np.sqrt(np.sum(e * e, -1, keepdims=True) + 1e-30)
+    return e, e @ M.T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +263,18 @@ class PrimaryNumpy:
         self.sc_fl = frac[..., 0][inside]
         self.sc_fs = frac[..., 1][inside]
         self.depth = probe.sample_depths_mm()                 # s * step_mm
+        # coherent scatterers (Simulator._alloc_imaging / _k2h)
+        sp = getattr(settings, "speckle", True)
+        self.speckle_mode = {True: "coherent", False: "off"}.get(sp, sp)
+        if self.speckle_mode not in ("coherent", "mean", "off"):
+            raise ValueError(f"speckle must be True/'coherent', 'mean' or False/'off', got {sp!r}")
+        self.n_elev = int(getattr(settings, "elevation_planes", 1))
+        self.elev_off, self.elev_w = image.elevation_planes(probe, self.n_elev)
+        self.inv_cell_mm = 1.0 / settings.noise_cell_mm
+        self.k2h = 4.0 * np.pi / probe.wavelength_mm * settings.noise_cell_mm
+        self.speckle_c = np.broadcast_to(np.asarray(image.speckle_power_factor(
+            ti_, tq, self.lat_w, probe.sample_spacing_mm, settings.noise_cell_mm, self.elev_w,
+            image.line_spacing_mm(probe)), dtype=np.float64), (probe.n_samples,))
 
     @classmethod
     def from_simulator(cls, sim) -> "PrimaryNumpy":
@@ -222,16 +319,34 @@ class PrimaryNumpy:
         return val, grad
 
     def march(self, ro, rd, vo, vd):
-        """z, alpha, scat, cosw (lines, samples), as march.march."""
+        """z, alpha, scat, scat_q, cosw (lines, samples), as march.march: with coherent speckle
+        (scat, scat_q) = sum over the elevation planes of elev_w x the plane's scattering
+        strength x :func:`scatterer_sum`; otherwise scat = the strength alone, scat_q = 0."""
         d = self.depth
         p = vo[:, None, :] + d[None, :, None] * vd[:, None, :]
         prop, gidx = self.trilinear_with_grad(p)
         g = gidx @ self.gradT.T                                # dZ / d world mm
         cosw = np.abs(np.einsum("rsk,rk->rs", g, rd)) / np.sqrt(np.einsum("rsk,rsk->rs", g, g) + 1e-12)
-        xw = ro[:, None, :] + d[None, :, None] * rd[:, None, :]
+        if self.speckle_mode != "coherent":
+            return prop[..., 0], prop[..., 1], prop[..., 2], np.zeros_like(cosw), cosw
         st = self.settings
-        scat = prop[..., 2] * tissue_noise(xw, st.noise_cell_mm, int(st.seed))
-        return prop[..., 0], prop[..., 1], scat, cosw
+        xw = ro[:, None, :] + d[None, :, None] * rd[:, None, :]
+        P = cell_phasors(rd, self.k2h)[:, None]                # (R, 1, 8, 2)
+        rdb = rd[:, None, :]
+        if self.n_elev == 1:   # elev_off = 0, elev_w = 1 (as march.march with n_elev = 1)
+            a, b = scatterer_sum(P, xw, rdb, self.inv_cell_mm, self.k2h, int(st.seed))
+            return prop[..., 0], prop[..., 1], prop[..., 2] * a, prop[..., 2] * b, cosw
+        ey, eyv = elevation_axes(ro, rd, self.M)
+        ci, cq = np.zeros_like(cosw), np.zeros_like(cosw)
+        for e in range(self.n_elev):
+            off = self.elev_off[:, e][None, :, None]          # (1, S, 1)
+            strength = self.trilinear_with_grad(p + off * eyv[:, None, :])[0][..., 2]
+            a, b = scatterer_sum(P, xw + off * ey[:, None, :], rdb, self.inv_cell_mm, self.k2h,
+                                 int(st.seed))
+            w = self.elev_w[:, e][None, :]
+            ci += w * strength * a
+            cq += w * strength * b
+        return prop[..., 0], prop[..., 1], ci, cq, cosw
 
     def echo_primary(self, z, alpha, cosw):
         """echo = w r T A and gain = T A (echo.step_terms + exclusive_cumsum + primary_combine)."""
@@ -247,17 +362,26 @@ class PrimaryNumpy:
         echo[:, :-1] = np.maximum(cosw[:, :-1], cosw[:, 1:]) * rc * gain[:, :-1]
         return echo, gain
 
-    def image(self, rf):
-        """Axial I/Q, lateral beam sum + envelope, TGC/log compression -> bmode (lines, samples)."""
+    def image(self, rf, rf_q=None, mean_extra=None):
+        """Complex axial I/Q (rf + i rf_q; rf_q None: real RF), lateral beam sum + envelope
+        (with ``mean_extra`` = (gain, strength): speckle='mean' expected envelope
+        sqrt(env^2 + c[s] (gain strength)^2)), TGC/log compression -> bmode (lines, samples)."""
         R, S = rf.shape
         K, M = self.K, self.Mlat
         pad = np.zeros((R, S + 2 * K))
         pad[:, K:K + S] = rf
+        if rf_q is not None:
+            padq = np.zeros((R, S + 2 * K))
+            padq[:, K:K + S] = rf_q
         iq_i, iq_q = np.zeros_like(rf), np.zeros_like(rf)
         for k in range(-K, K + 1):                     # iq[s] = sum_k taps[k] rf[s - k]
             v = pad[:, K - k:K - k + S]
             iq_i += self.taps_i[k + K] * v
             iq_q += self.taps_q[k + K] * v
+            if rf_q is not None:                       # complex taps x complex RF
+                vq = padq[:, K - k:K - k + S]
+                iq_i -= self.taps_q[k + K] * vq
+                iq_q += self.taps_i[k + K] * vq
         pi = np.zeros((R + 2 * M, S))
         pq = np.zeros((R + 2 * M, S))
         pi[M:M + R], pq[M:M + R] = iq_i, iq_q
@@ -267,6 +391,10 @@ class PrimaryNumpy:
             ai += w * pi[M + m:M + m + R]
             aq += w * pq[M + m:M + m + R]
         env = np.sqrt(ai * ai + aq * aq + 1e-24)
+        if mean_extra is not None:
+            gain, strength = mean_extra
+            dd = gain * strength
+            env = np.sqrt(env * env + self.speckle_c[None, :] * dd * dd)
         st, p = self.settings, self.probe
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         db = DB_PER_NEPER * np.log(env) + st.gain_db + tgc * np.arange(S)
@@ -291,16 +419,20 @@ class PrimaryNumpy:
         if not isinstance(pose, Pose):
             pose = Pose.from_vector(pose)
         ro, rd, vo, vd = self.rays(pose)
-        z, alpha, scat, cosw = self.march(ro, rd, vo, vd)
+        z, alpha, scat, scat_q, cosw = self.march(ro, rd, vo, vd)
         echo, gain = self.echo_primary(z, alpha, cosw)
-        if not self.settings.speckle:
-            scat = np.zeros_like(scat)
-        rf = echo + gain * scat
-        bmode = self.image(rf)
+        mode = self.speckle_mode
+        if mode == "coherent":
+            rf, rf_q = echo + gain * scat, gain * scat_q
+            bmode = self.image(rf, rf_q)
+        else:                  # 'off' and 'mean': the specular echo alone through the pulse
+            rf, rf_q = echo.copy(), np.zeros_like(echo)
+            bmode = self.image(rf, None, (gain, scat) if mode == "mean" else None)
         fan = self.scan_convert(bmode)
         if stages:
             return fan, {"impedance_MRayl": z, "attenuation_dB_cm_MHz": alpha, "scatterers": scat,
-                         "incidence_cos": cosw, "echo": echo, "two_way_gain": gain, "rf": rf,
+                         "scatterers_q": scat_q, "incidence_cos": cosw, "echo": echo,
+                         "two_way_gain": gain, "rf": rf, "rf_q": rf_q,
                          "bmode_lines": bmode, "fan": fan}
         return fan
 

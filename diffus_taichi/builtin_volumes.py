@@ -16,6 +16,7 @@ Adding one is a few lines::
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
@@ -181,3 +182,99 @@ def uniform_block(size_mm=(60.0, 20.0, 80.0), spacing_mm=1.0, tissue="white_matt
     vol = Volume(frac, affine, (tissue,), name="uniform", default_pose=Pose.from_vector(np.zeros(6)))
     vol.default_pose = Pose.look_at((0.0, 0.0, size_mm[2] / 2), (0, 0, -1), (1, 0, 0))
     return vol
+
+
+# --------------------------------------------------------------------------------------------
+# test objects (physics validation, benchmarks/validate_physics.py)
+def _grid(extent_mm, spacing_mm):
+    """Axes (x, y, z) in mm centred on 0 (x, y) and from 0 down to -depth (z), and the affine."""
+    axes = [np.arange(-extent_mm[0] / 2, extent_mm[0] / 2 + 1e-9, spacing_mm[0]),
+            np.arange(-extent_mm[1] / 2, extent_mm[1] / 2 + 1e-9, spacing_mm[1]),
+            np.arange(-extent_mm[2], 1e-9, spacing_mm[2])]
+    affine = np.diag(list(spacing_mm) + [1.0])
+    affine[:3, 3] = [a[0] for a in axes]
+    return axes, affine
+
+
+TOP_POSE = Pose.look_at((0.0, 0.0, 0.0), (0, 0, -1), (1, 0, 0))   # probe face at z = 0, imaging -z
+
+WIRE_X_MM = (-2.5, 0.0, 2.5)
+WIRE_VOXEL_Z_MM = 0.01
+WIRE_PROBE_STEP_MM = 40.0 / 1023      # sample spacing of the validation probe (40 mm, 1024 samples)
+
+
+def _wire_depths(targets=(10.0, 20.0, 30.0), step=WIRE_PROBE_STEP_MM, vz=WIRE_VOXEL_Z_MM):
+    """Front-face depths near ``targets`` (multiples of the voxel vz) such that a sample of the
+    validation probe lies inside the face's 1-voxel ramp, >= 90 % of the way down it: the step
+    then falls (>= 90 %) on one sample interval and both ends of that interval see the face's
+    normal (the incidence weight of echo.primary_combine is evaluated at samples)."""
+    out = []
+    for t in targets:
+        for k in sorted(range(int(t / step) - 30, int(t / step) + 30), key=lambda k: abs(k * step - t)):
+            D = math.ceil(k * step / vz - 1e-9) * vz
+            if (k * step - (D - vz)) / vz >= 0.9:
+                out.append(round(D, 6))
+                break
+    return tuple(out)
+
+
+WIRE_DEPTHS_MM = _wire_depths()
+
+
+@register_builtin("wires")
+def wire_phantom(depths_mm=WIRE_DEPTHS_MM, x_mm=WIRE_X_MM, thickness_mm=1.0) -> Volume:
+    """Nylon wires along the elevation axis (y) in water, as in commercial wire phantoms: one per
+    depth in ``depths_mm`` at lateral positions ``x_mm`` (multiples of 0.25 mm: they lie on scan
+    lines of the validation probe). Each wire is 3 x voxels (0.15 mm) wide, narrower than the
+    0.25 mm line spacing (flat across the line through it, so its face is seen at normal
+    incidence), and ``thickness_mm`` deep, so its front face is a sharp step (z voxel 0.01 mm) whose echo is the point-spread
+    function; the back-face echo arrives ``thickness_mm`` later. Probe face at z = 0."""
+    axes, affine = _grid((12.0, 2.0, 38.0), (0.05, 1.0, WIRE_VOXEL_Z_MM))
+    X, Z = np.meshgrid(axes[0], axes[2], indexing="ij")
+    frac = np.zeros((len(axes[0]), len(axes[2])), dtype=np.float32)
+    for d, x in zip(depths_mm, x_mm):
+        frac[(np.abs(X - x) < 0.075) & (-Z >= d - 1e-6) & (-Z < d + thickness_mm)] = 1.0
+    data = np.repeat(frac[:, None, :, None], len(axes[1]), axis=1)
+    return Volume(data, affine, ("nylon",), name="wires", default_pose=TOP_POSE)
+
+
+CYSTS = (  # (tissue, x mm, depth mm, radius mm): anechoic, hypoechoic, hyperechoic
+    ("csf", -12.0, 12.0, 3.0), ("grey_matter", -4.0, 20.0, 3.0), ("tumour", 4.0, 28.0, 3.0),
+    ("csf", 12.0, 16.0, 2.0))
+
+
+@register_builtin("cysts")
+def cyst_phantom(background="white_matter", cysts=CYSTS) -> Volume:
+    """A block of scattering ``background`` tissue (40 x 10 x 50 mm) with spherical inclusions
+    of other tissues (``CYSTS``: anechoic CSF, hypoechoic grey matter, hyperechoic tumour) at
+    several depths; contrast = ratio of the tissues' scattering. Probe face at z = 0."""
+    axes, affine = _grid((40.0, 10.0, 50.0), (0.25, 0.25, 0.25))
+    X, Y, Z = np.meshgrid(*axes, indexing="ij")
+    names = [background] + sorted({c[0] for c in cysts})
+    frac = np.zeros(X.shape + (len(names),), dtype=np.float32)
+    frac[..., 0] = 1.0
+    for t, x, d, rad in cysts:
+        occ = np.clip(0.5 - (np.sqrt((X - x) ** 2 + Y ** 2 + (Z + d) ** 2) - rad) / 0.25, 0, 1)
+        frac *= (1.0 - occ)[..., None]
+        frac[..., names.index(t)] += occ
+    return Volume(frac, affine, tuple(names), name="cysts", default_pose=TOP_POSE)
+
+
+LAYERS = (("water", 0.0), ("fat", 10.0), ("white_matter", 20.0))   # (tissue, top depth mm)
+
+
+@register_builtin("layers")
+def layer_phantom(layers=LAYERS, depth_mm=40.0) -> Volume:
+    """Planar layers perpendicular to the beam: each (tissue, top depth mm) fills down to the
+    next; impedances and attenuations come from the tissue table (or mapping overrides). z voxel
+    0.01 mm, so each interface is a sharp step. Probe face at z = 0."""
+    axes, affine = _grid((20.0, 4.0, depth_mm), (1.0, 1.0, 0.01))
+    depth = -axes[2]
+    names = [t for t, _ in layers if t != "water"]
+    frac = np.zeros((len(depth), max(len(names), 1)), dtype=np.float32)
+    for i, (t, top) in enumerate(layers):
+        bottom = layers[i + 1][1] if i + 1 < len(layers) else np.inf
+        if t != "water":
+            frac[(depth >= top) & (depth < bottom), names.index(t)] = 1.0
+    data = np.broadcast_to(frac, (len(axes[0]), len(axes[1])) + frac.shape).copy()
+    return Volume(data, affine, tuple(names), name="layers", default_pose=TOP_POSE)

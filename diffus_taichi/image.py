@@ -1,6 +1,6 @@
-"""Image formation along and across lines: RF = specular echo + gain x tissue-fixed scatterers,
-axial complex (I/Q) pulse, depth-dependent lateral Gaussian beam, envelope, time-gain
-compensation and log compression to a dynamic range. All per-sample parallel kernels with
+"""Image formation along and across lines: complex RF = specular echo + gain x tissue-fixed
+scatterers (I/Q, see march.scatterer_sum), axial complex (I/Q) Gabor pulse, depth-dependent lateral
+Gaussian beam, envelope, time-gain compensation and log compression to a dynamic range. All per-sample parallel kernels with
 compile-time (``ti.static``) tap loops. The two stencils (axial, lateral) have hand-written
 backward kernels in gather form (their automatic backward scatters with atomics, ~20x slower on
 CPU); the rest use Taichi's automatic gradient, exact on every backend.
@@ -34,11 +34,7 @@ def lateral_weights(probe, max_half: int = 10) -> np.ndarray:
     with the beam FWHM of :meth:`Probe.lateral_fwhm_mm` converted to line spacings."""
     depth = probe.sample_depths_mm()
     fwhm = probe.lateral_fwhm_mm(depth)
-    if probe.kind == "linear":
-        spacing = np.full_like(depth, probe.width_mm / (probe.n_lines - 1))
-    else:
-        dth = math.radians(probe.fov_deg) / (probe.n_lines - 1)
-        spacing = np.maximum((probe.radius_mm + depth) * dth, 1e-6)
+    spacing = line_spacing_mm(probe)
     sigma_lines = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / spacing
     half = int(min(max_half, max(1, math.ceil(3.0 * float(sigma_lines.max())))))
     m = np.arange(-half, half + 1)
@@ -46,16 +42,36 @@ def lateral_weights(probe, max_half: int = 10) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
+def elevation_planes(probe, n_planes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Elevation offsets (n_samples, n) in mm and amplitude weights (n_samples, n), sum of squared
+    weights 1: n = 1 is the central plane; n = 3 adds planes at +-sigma of the pulse-echo
+    elevation beam profile (Gaussian with FWHM :meth:`Probe.elevation_fwhm_mm` at each depth),
+    weighted by that profile (exp(-1/2) relative to the centre)."""
+    S = probe.n_samples
+    if n_planes == 1:
+        return np.zeros((S, 1)), np.ones((S, 1))
+    if n_planes != 3:
+        raise ValueError(f"elevation_planes must be 1 or 3, got {n_planes!r}")
+    sig = probe.elevation_fwhm_mm(probe.sample_depths_mm()) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    off = np.stack([-sig, np.zeros(S), sig], 1)
+    w = np.array([math.exp(-0.5), 1.0, math.exp(-0.5)])
+    return off, np.tile(w / np.sqrt(np.sum(w ** 2)), (S, 1))
+
+
 @ti.kernel
-def form_rf(echo: ti.template(), gain: ti.template(), scat: ti.template(), rf: ti.template()):
-    """rf = echo + gain * scat (pressure amplitude, dimensionless)."""
+def form_rf(echo: ti.template(), gain: ti.template(), scat: ti.template(), scat_q: ti.template(),
+            rf: ti.template(), rf_q: ti.template()):
+    """Complex RF: rf = echo + gain * scat, rf_q = gain * scat_q (pressure amplitude,
+    dimensionless; the specular echo sits on its sample, the scatterers carry their own phase)."""
     for r, s in rf:
         rf[r, s] = echo[r, s] + gain[r, s] * scat[r, s]
+        rf_q[r, s] = gain[r, s] * scat_q[r, s]
 
 
 @ti.kernel
-def _axial_iq(rf: ti.template(), taps_i: ti.template(), taps_q: ti.template(), K: ti.template(),
-              iq_i: ti.template(), iq_q: ti.template()):
+def _axial_iq(rf: ti.template(), rf_q: ti.template(), taps_i: ti.template(),
+              taps_q: ti.template(), K: ti.template(), cplx: ti.template(), iq_i: ti.template(),
+              iq_q: ti.template()):
     for r, s in rf:
         S = rf.shape[1]
         ai, aq = 0.0, 0.0
@@ -64,33 +80,43 @@ def _axial_iq(rf: ti.template(), taps_i: ti.template(), taps_q: ti.template(), K
             if 0 <= j < S:
                 ai += taps_i[k + K] * rf[r, j]
                 aq += taps_q[k + K] * rf[r, j]
+                if ti.static(cplx):
+                    ai -= taps_q[k + K] * rf_q[r, j]
+                    aq += taps_i[k + K] * rf_q[r, j]
         iq_i[r, s] = ai
         iq_q[r, s] = aq
 
 
 @ti.kernel
-def _axial_iq_bwd(rf: ti.template(), taps_i: ti.template(), taps_q: ti.template(),
-                  K: ti.template(), iq_i: ti.template(), iq_q: ti.template()):
-    """Transpose stencil as a gather (no atomics): rf.grad[r, j] = sum_k taps[k] iq.grad[r, j+k]."""
+def _axial_iq_bwd(rf: ti.template(), rf_q: ti.template(), taps_i: ti.template(),
+                  taps_q: ti.template(), K: ti.template(), cplx: ti.template(),
+                  iq_i: ti.template(), iq_q: ti.template()):
+    """Transpose stencil as a gather (no atomics): rf.grad[r, j] = sum_k conj-free transpose of
+    the complex taps applied to iq.grad[r, j+k]."""
     for r, j in rf:
         S = rf.shape[1]
-        acc = 0.0
+        acc, accq = 0.0, 0.0
         for k in ti.static(range(-K, K + 1)):
             s = j + k
             if 0 <= s < S:
                 acc += taps_i[k + K] * iq_i.grad[r, s] + taps_q[k + K] * iq_q.grad[r, s]
+                if ti.static(cplx):
+                    accq += -taps_q[k + K] * iq_i.grad[r, s] + taps_i[k + K] * iq_q.grad[r, s]
         rf.grad[r, j] += acc
+        if ti.static(cplx):
+            rf_q.grad[r, j] += accq
 
 
 @ti.ad.grad_replaced
-def axial_iq(rf, taps_i, taps_q, K, iq_i, iq_q):
-    """Complex pulse along each line: iq = sum_k taps[k] rf[s - k] (zero beyond the line)."""
-    _axial_iq(rf, taps_i, taps_q, K, iq_i, iq_q)
+def axial_iq(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q):
+    """Complex pulse along each line: iq = sum_k taps[k] (rf + i rf_q)[s - k] (zero beyond the
+    line; taps = taps_i + i taps_q). ``cplx`` (static) False: rf_q is taken as 0 (not read)."""
+    _axial_iq(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q)
 
 
 @ti.ad.grad_for(axial_iq)
-def _axial_iq_grad(rf, taps_i, taps_q, K, iq_i, iq_q):
-    _axial_iq_bwd(rf, taps_i, taps_q, K, iq_i, iq_q)
+def _axial_iq_grad(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q):
+    _axial_iq_bwd(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q)
 
 
 @ti.kernel
@@ -144,22 +170,66 @@ def envelope(li: ti.template(), lq: ti.template(), env: ti.template()):
         env[r, s] = ti.sqrt(li[r, s] * li[r, s] + lq[r, s] * lq[r, s] + 1e-24)
 
 
-def speckle_power_factor(taps_i, taps_q, lat_w) -> float:
-    """Expected |I + iQ|^2 per unit scatterer variance: value-noise variance (~0.3 for trilinear
-    interpolation of unit-variance lattice values) x axial tap energy x mean lateral tap energy."""
-    import numpy as np
+def _tent_energy(v: np.ndarray, spacing_cells: float, n_off: int = 64) -> float:
+    """E_f sum_c (sum_k v_k tent(f + k a - c))^2: energy of weights v (K,) at points spaced a
+    (cells) after trilinear (tent) gathering from a unit lattice, averaged over offsets f."""
+    v = np.asarray(v, dtype=np.float64)
+    pos = np.arange(len(v)) * spacing_cells
+    tot = 0.0
+    for f in (np.arange(n_off) + 0.5) / n_off:
+        x = pos + f
+        c = np.arange(-1, int(np.ceil(x.max())) + 2)
+        w = np.clip(1.0 - np.abs(x[None, :] - c[:, None]), 0.0, None)   # (cells, K)
+        tot += np.sum((w @ v) ** 2)
+    return tot / n_off
 
-    return float(0.3 * (np.sum(taps_i ** 2) + np.sum(taps_q ** 2)) * np.mean(np.sum(lat_w ** 2, 1)))
+
+def speckle_power_factor(taps_i, taps_q, lat_w, step_mm=None, cell_mm=None, elev_w=None,
+                         line_spacing_mm=None) -> np.ndarray | float:
+    """Expected |I + iQ|^2 of the coherent scatterer image per unit scattering strength squared,
+    per sample depth (n_samples,) (used by ``speckle='mean'``).
+
+    A scatterer reaches output sample s through every axial tap k with the same phase (the tap
+    phase 2k k dz cancels its phase relative to sample s - k) and through every line of the
+    lateral sum with the same phase (same depth, nearly the same direction), so
+    E|iq|^2 = AMP^2 E_axial E_lateral(s) E_elev with, per axis, E = mean over lattice offsets of
+    sum_cells (sum_taps |weight| tent(position - cell))^2 (:func:`_tent_energy`), rays taken along a
+    lattice axis; the 3 elevation planes are > 1 cell apart, hence independent.
+    Without ``step_mm`` / ``cell_mm``: the earlier scalar approximation (independent samples)."""
+    from .march import SCAT_AMP
+
+    env = np.sqrt(np.asarray(taps_i) ** 2 + np.asarray(taps_q) ** 2)
+    lat_w = np.asarray(lat_w, dtype=np.float64)
+    if step_mm is None or cell_mm is None:
+        return float(0.3 * np.sum(env ** 2) * np.mean(np.sum(lat_w ** 2, 1)))
+    S = lat_w.shape[0]
+    el = np.ones(S) if elev_w is None else np.sum(np.asarray(elev_w) ** 2, 1)
+    ax = _tent_energy(env, step_mm / cell_mm)
+    sp = np.broadcast_to(np.asarray(line_spacing_mm, dtype=np.float64), (S,)) / cell_mm
+    # the lateral factor changes slowly with depth: evaluate it on <= 64 depths, interpolate
+    idx = np.unique(np.linspace(0, S - 1, min(S, 64)).astype(int))
+    lat = np.interp(np.arange(S), idx, [_tent_energy(lat_w[i], sp[i]) for i in idx])
+    return SCAT_AMP ** 2 * ax * lat * (2.0 / 3.0) * el
+
+
+def line_spacing_mm(probe) -> np.ndarray:
+    """(n_samples,) distance between neighbouring lines at each sample depth (mm)."""
+    depth = probe.sample_depths_mm()
+    if probe.kind == "linear":
+        return np.full_like(depth, probe.width_mm / (probe.n_lines - 1))
+    dth = math.radians(probe.fov_deg) / (probe.n_lines - 1)
+    return np.maximum((probe.radius_mm + depth) * dth, 1e-6)
 
 
 @ti.kernel
-def add_incoherent(env: ti.template(), gain: ti.template(), strength: ti.template(), c: float,
-                   out: ti.template()):
+def add_incoherent(env: ti.template(), gain: ti.template(), strength: ti.template(),
+                   c: ti.template(), out: ti.template()):
     """Expected envelope of specular echo plus diffuse scattering of given strength:
-    out = sqrt(env^2 + c (gain strength)^2) (speckle-free, smooth in the pose)."""
+    out = sqrt(env^2 + c[s] (gain strength)^2) (speckle-free, smooth in the pose); c (n_samples,)
+    from :func:`speckle_power_factor`."""
     for r, s in env:
         d = gain[r, s] * strength[r, s]
-        out[r, s] = ti.sqrt(env[r, s] * env[r, s] + c * d * d)
+        out[r, s] = ti.sqrt(env[r, s] * env[r, s] + c[s] * d * d)
 
 
 @ti.kernel

@@ -1,12 +1,26 @@
 """Acoustic-property volume (mapping applied per voxel) and the march: trilinear sampling of
-it along every ray, with tissue-fixed scatterer amplitudes.
+it along every ray, with tissue-fixed coherent scatterers.
 
 Per sample (r, s) it writes, all with shape (n_lines, n_samples):
   z      acoustic impedance minus echo.Z_REF (MRayl; deviations keep f32 precision)
   alpha  attenuation (dB/cm/MHz)
-  scat   scatterer amplitude = scattering strength x tissue-fixed random value (dimensionless)
+  scat, scat_q  complex (I, Q) sum of tissue-fixed point scatterers around the sample, phase
+         relative to the sample (dimensionless; see :func:`scatterer_sum`)
   cosw   |cos| of the angle between the ray and the impedance-gradient normal (0..1)
 Outside the volume the background tissue (coupling water) is assumed.
+
+Scatterers (coherent speckle, :func:`scatterer_sum`): world space is cut into cubic cells of
+``cell_mm`` (lattice shifted by LATTICE_SHIFT cells); each cell holds a scatterer at its lattice
+point with a complex amplitude A = a + ib (a, b zero-mean, near-Gaussian, E|A|^2 = 1), from an
+integer hash of the cell index and the seed (no stored texture: the pattern is fixed in tissue and
+unbounded). Sample x on a ray with direction d gathers the 8 cells around it with trilinear weights,
+each rotated by its round-trip phase -2k (p - x).d (k = 2 pi / wavelength; the phase of A places
+the scatterer at a random sub-wavelength depth along the beam): the RF is complex (I/Q) and the
+pulse (image.axial_iq) sums it coherently. No sin/cos per scatterer: exp(-i 2k (p - x).d) =
+exp(i 2k h f.d) P[a, b, c] with f the fractional cell position of x and P the phasors of the 7
+cell steps (:func:`cell_phasors`), all from :func:`fast_cos_sin` (polynomial). ``n_elev`` static
+elevation planes (offsets ``elev_off[s, e]`` mm along the probe's elevation axis ``ey``, amplitude
+weights ``elev_w[s, e]``) add the slice thickness.
 """
 
 import taichi as ti
@@ -63,27 +77,125 @@ def hash_u32(i, j, k, seed):
     return h
 
 
-@ti.func
-def lattice_value(i, j, k, seed):
-    """Zero-mean, unit-variance random value (triangular) attached to lattice point (i, j, k)."""
-    h = hash_u32(i, j, k, seed)
-    u1 = ti.cast(h & ti.u32(0xFFFF), float) / 65536.0
-    u2 = ti.cast(h >> ti.u32(16), float) / 65536.0
-    return (u1 + u2 - 1.0) * 2.449489742783178  # sqrt(6): unit variance
+# lattice origin shift (cells): keeps the lattice planes off the round world coordinates that test
+# objects and default poses use (a plane through the samples would weight one cell only)
+LATTICE_SHIFT = (0.3183, 0.5772, 0.1416)
+# Amplitude scale: E|scat|^2 = AMP^2 E[a^2] mean(sum of squared trilinear weights) = AMP^2 (2/3)^3
+# = 0.3 per unit scattering strength, the level of the earlier value-noise model (same brightness).
+SCAT_AMP = 0.3 ** 0.5 / (2.0 / 3.0) ** 1.5
 
 
 @ti.func
-def tissue_noise(x, cell_mm, seed):
-    """Value noise fixed in tissue: trilinear interpolation of lattice values at world x (mm)."""
-    q = x / cell_mm
+def trilinear_value(vol: ti.template(), p, outside):
+    """Trilinear value (C,) at voxel position p (no gradient output)."""
+    f0 = ti.floor(p)
+    i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
+    f = p - f0
+    acc = outside * 0.0
+    for a, b, c in ti.static(ti.ndrange(2, 2, 2)):
+        w = (f[0] if a else 1.0 - f[0]) * (f[1] if b else 1.0 - f[1]) * (f[2] if c else 1.0 - f[2])
+        acc += w * fetch(vol, i + a, j + b, k + c, outside)
+    return acc
+
+
+@ti.func
+def fmix_u32(h):
+    """murmur3 finaliser of a u32."""
+    h ^= h >> ti.u32(16)
+    h *= ti.u32(0x85EBCA6B)
+    h ^= h >> ti.u32(13)
+    h *= ti.u32(0xC2B2AE35)
+    h ^= h >> ti.u32(16)
+    return h
+
+
+@ti.func
+def _irwin_hall4(h):
+    """Zero-mean value of variance 1/2 from the four bytes of h: sum of four uniforms
+    (Irwin-Hall, excess kurtosis -0.3: close to Gaussian)."""
+    u = (ti.cast(h & ti.u32(0xFF), ti.i32) + ti.cast((h >> ti.u32(8)) & ti.u32(0xFF), ti.i32)
+         + ti.cast((h >> ti.u32(16)) & ti.u32(0xFF), ti.i32) + ti.cast(h >> ti.u32(24), ti.i32))
+    return (ti.cast(u, float) - 510.0) * (1.2247448713915890 / 256.0)
+
+
+_COS_POLY_AT_HALF_PI = -4.6476600834566284e-07   # value of the degree-10 cos polynomial at pi/2
+
+
+@ti.func
+def fast_cos_sin(t):
+    """(cos t, sin t) to ~4e-6 for moderate |t| (range reduction to [-pi, pi], half-angle Taylor
+    polynomials, double-angle formulas): ~3x cheaper than ti.cos + ti.sin on CPU; exact
+    gradient of the polynomial (the reduction step has zero gradient, as it should)."""
+    n = ti.floor(t * 0.15915494309189535 + 0.5)
+    u = 0.5 * (t - n * 6.283185307179586)
+    u2 = u * u
+    sn = u * (1.0 - u2 / 6.0 * (1.0 - u2 / 20.0 * (1.0 - u2 / 42.0 * (1.0 - u2 / 72.0))))
+    cs = 1.0 - u2 / 2.0 * (1.0 - u2 / 12.0 * (1.0 - u2 / 30.0 * (1.0 - u2 / 56.0 * (1.0 - u2 / 90.0))))
+    cs -= _COS_POLY_AT_HALF_PI * u2 * 0.40528473456935109   # (2/pi)^2: cs(+-pi/2) = 0 exactly,
+    return cs * cs - sn * sn, 2.0 * sn * cs                 # so sin t is continuous at the wrap
+
+
+@ti.func
+def cell_phasors(d, k2h):
+    """(8, 2) matrix, row 4a + 2b + c = [cos, sin] of -k2h (a dx + b dy + c dz): the round-trip
+    phase of the lattice step (a, b, c) in {0, 1}^3 seen along unit direction d."""
+    cx, sx = fast_cos_sin(-k2h * d[0])
+    cy, sy = fast_cos_sin(-k2h * d[1])
+    cz, sz = fast_cos_sin(-k2h * d[2])
+    cxy, sxy = cx * cy - sx * sy, cx * sy + sx * cy
+    cxz, sxz = cx * cz - sx * sz, cx * sz + sx * cz
+    cyz, syz = cy * cz - sy * sz, cy * sz + sy * cz
+    cxyz, sxyz = cxy * cz - sxy * sz, cxy * sz + sxy * cz
+    return ti.Matrix([[1.0, 0.0], [cz, sz], [cy, sy], [cyz, syz],
+                      [cx, sx], [cxz, sxz], [cxy, sxy], [cxyz, sxyz]])
+
+
+@ti.func
+def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
+    """Complex sum (I, Q) of the tissue-fixed scatterers of the 8 lattice cells around world x
+    (mm) seen along unit direction d: sum_j w_j A_j exp(-i 2k (c_j - x).d), w_j the trilinear
+    weights of x, c_j the cell's lattice point, A_j = a_j + i b_j its hashed complex amplitude
+    (a, b zero-mean, near-Gaussian, E|A|^2 = 1; its phase places the scatterer at a random
+    sub-wavelength depth along the beam). k2h = 2k * cell_mm (rad); P = cell_phasors(d, k2h)."""
+    q = x * inv_cell_mm + ti.Vector(LATTICE_SHIFT)
     f0 = ti.floor(q)
     i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
     f = q - f0
-    acc = 0.0
+    bc, bs = fast_cos_sin(k2h * f.dot(d))
+    ai, aq = 0.0, 0.0
     for a, b, c in ti.static(ti.ndrange(2, 2, 2)):
         w = (f[0] if a else 1.0 - f[0]) * (f[1] if b else 1.0 - f[1]) * (f[2] if c else 1.0 - f[2])
-        acc += w * lattice_value(i + a, j + b, k + c, seed)
-    return acc
+        h = hash_u32(i + a, j + b, k + c, seed)
+        h2 = fmix_u32(h ^ ti.u32(0x9E3779B9))
+        sa = w * _irwin_hall4(h)      # near-Gaussian (sum of 4 uniforms), variance 1/2
+        sb = w * _irwin_hall4(h2)
+        n = ti.static(4 * a + 2 * b + c)
+        if ti.static(n == 0):
+            ai += sa
+            aq += sb
+        else:
+            pr, pi = P[n, 0], P[n, 1]
+            ai += sa * pr - sb * pi
+            aq += sa * pi + sb * pr
+    return SCAT_AMP * (ai * bc - aq * bs), SCAT_AMP * (ai * bs + aq * bc)
+
+
+@ti.kernel
+def elevation_axes(ro: ti.template(), rd: ti.template(), w2v: ti.template(), ey: ti.template(),
+                   eyv: ti.template()):
+    """Unit elevation axis of each ray (world, (rays,) vec3) and the same vector in voxel
+    index units: the normal of the image plane spanned by the ray and its neighbours."""
+    for r in ey:
+        R = ey.shape[0]
+        r1, r2 = ti.max(r - 1, 0), ti.min(r + 1, R - 1)
+        t = (ro[r2] - ro[r1]) + (rd[r2] - rd[r1])     # lateral, in the image plane
+        e = rd[r].cross(t)
+        e = e / ti.sqrt(e.dot(e) + 1e-30)
+        ey[r] = e
+        M = w2v[None]
+        eyv[r] = ti.Vector([M[0, 0] * e[0] + M[0, 1] * e[1] + M[0, 2] * e[2],
+                            M[1, 0] * e[0] + M[1, 1] * e[1] + M[1, 2] * e[2],
+                            M[2, 0] * e[0] + M[2, 1] * e[1] + M[2, 2] * e[2]])
 
 
 @ti.kernel
@@ -117,24 +229,42 @@ def acoustic_volume(vol: ti.template(), table: ti.template(), chan_tissue: ti.te
 
 @ti.kernel
 def march(props: ti.template(), outside: ti.template(), vo: ti.template(), vd: ti.template(),
-          ro: ti.template(), rd: ti.template(), gradT: ti.template(), step_mm: float,
-          noise_cell_mm: float, seed: ti.i32, noise_on: ti.template(),
-          z: ti.template(), alpha: ti.template(), scat: ti.template(), cosw: ti.template()):
+          ro: ti.template(), rd: ti.template(), ey: ti.template(), eyv: ti.template(),
+          gradT: ti.template(), step_mm: float, inv_cell_mm: float, k2h: float, seed: ti.i32,
+          elev_off: ti.template(), elev_w: ti.template(),
+          n_elev: ti.template(), noise_on: ti.template(),
+          z: ti.template(), alpha: ti.template(), scat: ti.template(), scat_q: ti.template(),
+          cosw: ti.template()):
     """Sample the acoustic-property volume at every (ray, sample).
 
     props (X, Y, Z) vec3 [MRayl, dB/cm/MHz, scattering]; outside () vec3 the background
     properties beyond the grid; gradT () 3x3 maps index-space gradients to world-mm gradients.
-    noise_on (static): scat = strength x tissue-fixed random value, else the strength alone.
+    noise_on (static): (scat, scat_q) = sum over the n_elev elevation planes of elev_w x the
+    plane's scattering strength x :func:`scatterer_sum`; else scat = the strength alone, scat_q 0.
     """
     for r in range(z.shape[0]):          # rays in parallel, samples serial: the backward pass
         for s in range(z.shape[1]):      # accumulates ro/rd.grad[r] without contention
+            P = cell_phasors(rd[r], k2h)
             d_mm = s * step_mm
-            prop, gidx = trilinear(props, vo[r] + d_mm * vd[r], outside[None])
+            pv = vo[r] + d_mm * vd[r]
+            prop, gidx = trilinear(props, pv, outside[None])
             g = gradT[None] @ gidx                                      # dZ / d world mm
             cosw[r, s] = ti.abs(g.dot(rd[r])) / ti.sqrt(g.dot(g) + 1e-12)
             z[r, s] = prop[0]
             alpha[r, s] = prop[1]
             if ti.static(noise_on):
-                scat[r, s] = prop[2] * tissue_noise(ro[r] + d_mm * rd[r], noise_cell_mm, seed)
+                x = ro[r] + d_mm * rd[r]
+                ci, cq = 0.0, 0.0
+                for e in ti.static(range(n_elev)):
+                    strength = prop[2]
+                    off = elev_off[s, e]
+                    if ti.static(n_elev > 1):
+                        strength = trilinear_value(props, pv + off * eyv[r], outside[None])[2]
+                    a, b = scatterer_sum(P, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
+                    ci += elev_w[s, e] * strength * a
+                    cq += elev_w[s, e] * strength * b
+                scat[r, s] = ci
+                scat_q[r, s] = cq
             else:   # scattering strength only (expected-intensity image formation)
                 scat[r, s] = prop[2]
+                scat_q[r, s] = 0.0

@@ -30,6 +30,8 @@ class Probe:
     depth_mm: imaging depth; n_lines x n_samples: RF lines and samples per line.
     frequency_mhz, bandwidth (fractional, -6 dB): the transmitted pulse.
     aperture_mm, focus_mm: lateral beam (width ~ wavelength * focus / aperture at the focus).
+    elevation_aperture_mm, elevation_focus_mm: elevation beam (fixed lens focus): slice thickness
+    ~ wavelength * elevation_focus / elevation_aperture at that depth, wider elsewhere.
     image_px: (height, width) of the scan-converted fan image.
     """
 
@@ -46,6 +48,8 @@ class Probe:
     aperture_mm: float = 10.0
     focus_mm: float = 30.0
     image_px: tuple = (512, 512)
+    elevation_aperture_mm: float = 4.0
+    elevation_focus_mm: float = 25.0
 
     def __post_init__(self):
         if self.kind == "sector":
@@ -59,7 +63,8 @@ class Probe:
         """Raise ValueError naming the first bad setting."""
         if self.kind not in ("curvilinear", "linear"):
             raise ValueError(f"probe kind must be 'curvilinear', 'sector' or 'linear', got {self.kind!r}")
-        for name in ("depth_mm", "frequency_mhz", "bandwidth", "aperture_mm", "focus_mm"):
+        for name in ("depth_mm", "frequency_mhz", "bandwidth", "aperture_mm", "focus_mm",
+                     "elevation_aperture_mm", "elevation_focus_mm"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"probe {name} must be a positive number, got {v!r}")
@@ -124,12 +129,21 @@ class Probe:
         return np.arange(self.n_samples) * self.sample_spacing_mm
 
     def lateral_fwhm_mm(self, depth_mm) -> np.ndarray:
-        """Lateral beam FWHM (mm) at ``depth_mm``: Gaussian beam with waist lambda*F# at the focus."""
-        lam = self.wavelength_mm
-        w0 = max(lam * self.focus_mm / self.aperture_mm, lam / 2)
-        zr = math.pi * w0 ** 2 / lam
+        """Pulse-echo lateral FWHM (mm) at ``depth_mm``: transmit beam focused at ``focus_mm``
+        (Gaussian beam, FWHM lambda*F# at the focus, widening outside the focal zone) times the
+        dynamically focused receive beam of the same aperture, FWHM lambda*z/D; Gaussian
+        profiles multiply, so 1/FWHM^2 = 1/FWHM_tx^2 + 1/FWHM_rx^2."""
         z = np.asarray(depth_mm, dtype=np.float64)
-        return w0 * np.sqrt(1.0 + ((z - self.focus_mm) / zr) ** 2).clip(max=self.aperture_mm / w0)
+        lam = self.wavelength_mm
+        tx = _beam_fwhm_mm(lam, self.aperture_mm, self.focus_mm, z)
+        rx = np.clip(lam * z / self.aperture_mm, lam / 2, self.aperture_mm)
+        return 1.0 / np.sqrt(1.0 / tx ** 2 + 1.0 / rx ** 2)
+
+    def elevation_fwhm_mm(self, depth_mm) -> np.ndarray:
+        """Elevation beam FWHM (slice thickness, mm) at ``depth_mm``: the same Gaussian-beam law
+        with the elevation aperture and lens focus."""
+        return _beam_fwhm_mm(self.wavelength_mm, self.elevation_aperture_mm,
+                             self.elevation_focus_mm, depth_mm)
 
     def axial_fwhm_mm(self) -> float:
         """Axial (pulse-echo) FWHM of the Gaussian pulse envelope in mm."""
@@ -200,17 +214,37 @@ class Probe:
         return np.concatenate([near, far[::-1], near[:1]])
 
 
+def _beam_fwhm_mm(lam, aperture_mm, focus_mm, depth_mm) -> np.ndarray:
+    """Fixed-focus Gaussian beam FWHM (mm): w0 = lambda * F# (F# = focus / aperture) at the focus,
+    Rayleigh range pi W0^2 / lambda with W0 = w0 / sqrt(2 ln 2) the 1/e^2 radius, capped at the
+    aperture."""
+    w0 = max(lam * focus_mm / aperture_mm, lam / 2)
+    zr = math.pi * (w0 / math.sqrt(2.0 * math.log(2.0))) ** 2 / lam
+    z = np.asarray(depth_mm, dtype=np.float64)
+    return w0 * np.sqrt(1.0 + ((z - focus_mm) / zr) ** 2).clip(max=aperture_mm / w0)
+
+
 PRESETS = {
-    # small-footprint intra-operative convex probe (craniotomy), e.g. 5-12 MHz
+    # Numbers typical of the probe class (catalogue ranges, not one vendor's data sheet):
+    # small-footprint intra-operative convex probe for craniotomies/burr holes, band ~5-10 MHz
+    # (centre 7.5 MHz, -6 dB fractional bandwidth 0.7), ~12 mm active aperture, elevation lens
+    # ~3.5 mm focused at ~20 mm (slice ~1-2 mm in the focal zone)
     "craniotomy": Probe(name="craniotomy", kind="curvilinear", radius_mm=10.0, fov_deg=70.0,
-                        depth_mm=60.0, frequency_mhz=7.5, bandwidth=0.6, aperture_mm=12.0,
-                        focus_mm=30.0),
+                        depth_mm=60.0, frequency_mhz=7.5, bandwidth=0.7, aperture_mm=12.0,
+                        focus_mm=30.0, elevation_aperture_mm=3.5, elevation_focus_mm=20.0),
+    # cardiac/transcranial phased array, band ~2-5 MHz, 16 mm aperture, 13 mm elevation lens
     "phased": Probe(name="phased", kind="curvilinear", radius_mm=0.0, fov_deg=80.0, depth_mm=90.0,
-                    frequency_mhz=3.5, bandwidth=0.6, aperture_mm=16.0, focus_mm=50.0),
+                    frequency_mhz=3.5, bandwidth=0.6, aperture_mm=16.0, focus_mm=50.0,
+                    elevation_aperture_mm=13.0, elevation_focus_mm=60.0),
+    # abdominal convex, band ~2-6 MHz, 40 mm radius, 12 mm elevation lens at ~70 mm
     "convex": Probe(name="convex", kind="curvilinear", radius_mm=40.0, fov_deg=60.0, depth_mm=120.0,
-                    frequency_mhz=4.0, bandwidth=0.6, aperture_mm=30.0, focus_mm=60.0),
+                    frequency_mhz=4.0, bandwidth=0.7, aperture_mm=30.0, focus_mm=60.0,
+                    elevation_aperture_mm=12.0, elevation_focus_mm=70.0),
+    # linear array, band 5-13 MHz (centre 9 MHz, fractional bandwidth 0.85), 38 mm footprint,
+    # 4 mm elevation lens focused at ~18 mm
     "linear": Probe(name="linear", kind="linear", width_mm=38.0, depth_mm=40.0, frequency_mhz=9.0,
-                    bandwidth=0.6, aperture_mm=12.0, focus_mm=20.0),
+                    bandwidth=0.85, aperture_mm=12.0, focus_mm=20.0, elevation_aperture_mm=4.0,
+                    elevation_focus_mm=18.0),
 }
 DEFAULT_PROBE = "craniotomy"
 

@@ -30,17 +30,20 @@ ECHO_MODELS = ("primary", "layered", "reverb")
 class ImagingSettings:
     """Display chain. gain_db: added to 20 log10(envelope); dynamic_range_db: dB mapped to [0, 1];
     tgc_db_per_cm: time-gain compensation slope (None: 1.2 dB/cm per MHz, the round trip of
-    0.6 dB/cm/MHz average soft tissue); noise_cell_mm: lattice of the tissue-fixed
-    scatterer field; speckle: True/'coherent' (tissue-fixed scatterers summed coherently with the
-    pulse), 'mean' (their expected intensity: speckle-free, smooth in the pose; for coarse
-    registration levels) or False/'off'; seed: scatterer realisation."""
+    0.6 dB/cm/MHz average soft tissue); noise_cell_mm: cell of the tissue-fixed scatterer
+    lattice (one hashed point scatterer per cell); speckle: True/'coherent' (tissue-fixed
+    scatterers summed coherently with the pulse), 'mean' (their expected intensity:
+    speckle-free, smooth in the pose; for coarse registration levels) or False/'off'; seed:
+    scatterer realisation; elevation_planes: 1 or 3 elevation planes integrated for the
+    scatterers (slice thickness, :meth:`Probe.elevation_fwhm_mm`)."""
 
     gain_db: float = 12.0
     dynamic_range_db: float = 50.0
     tgc_db_per_cm: float | None = None
     speckle: "bool | str" = True
-    noise_cell_mm: float = 0.12
+    noise_cell_mm: float = 0.08
     seed: int = 1
+    elevation_planes: int = 1
 
     def validate(self):
         for k in ("gain_db", "dynamic_range_db", "noise_cell_mm"):
@@ -55,6 +58,8 @@ class ImagingSettings:
             raise ValueError(f"dynamic_range_db must be > 0 dB, got {self.dynamic_range_db}")
         if self.noise_cell_mm <= 0:
             raise ValueError(f"noise_cell_mm must be > 0 mm, got {self.noise_cell_mm}")
+        if self.elevation_planes not in (1, 3):
+            raise ValueError(f"elevation_planes must be 1 or 3, got {self.elevation_planes!r}")
 
 
 class Simulator:
@@ -163,6 +168,7 @@ class Simulator:
         self.sc_base = ti.Vector.field(2, ti.i32, shape=(H, W))
         self.sc_frac = ti.Vector.field(2, real, shape=(H, W))
         self.fan = ti.field(real, shape=(H, W), needs_grad=g)
+        self._alloc_imaging()
 
     def _upload_static(self):
         f = self._np_real
@@ -249,9 +255,13 @@ class Simulator:
         path)."""
         p, s = self.probe, self.settings
         rays.make_rays(self.pose, self.line_o, self.line_d, self.w2v, self.ro, self.rd, self.vo, self.vd)
-        march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.gradT,
-                    p.sample_spacing_mm, s.noise_cell_mm, int(s.seed), self.speckle_mode != "mean",
-                    self.z, self.alpha, self.scat, self.cosw)
+        coherent = self.speckle_mode == "coherent"
+        if coherent:
+            march.elevation_axes(self.ro, self.rd, self.w2v, self.ey, self.eyv)
+        march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
+                    self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), int(s.seed),
+                    self.elev_off, self.elev_w, self._n_elev, coherent,
+                    self.z, self.alpha, self.scat, self.scat_q, self.cosw)
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         echo.step_terms(self.z, self.alpha, np_step, self.logt, self.att2)
         spec = self.echo
@@ -265,9 +275,10 @@ class Simulator:
             if self.echo_model == "reverb":   # time-resolved trace replaces the primary echo
                 echo.reverb_trace(self.z, self.alpha, np_step, self.trace, self.reverb_scratch)
                 spec = self.trace
-        scat = self.scat if self.speckle_mode == "coherent" else self._zero_scat()
-        image.form_rf(spec, self.gain, scat, self.rf)
-        image.axial_iq(self.rf, self.taps_i, self.taps_q, self.K, self.iq_i, self.iq_q)
+        scat = self.scat if coherent else self._zero_scat()
+        image.form_rf(spec, self.gain, scat, self.scat_q, self.rf, self.rf_q)
+        image.axial_iq(self.rf, self.rf_q, self.taps_i, self.taps_q, self.K, coherent,
+                       self.iq_i, self.iq_q)
         image.lateral_sum(self.iq_i, self.iq_q, self.lat_w, self.M, self.lat_i, self.lat_q)
         image.envelope(self.lat_i, self.lat_q, self.env)
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
@@ -277,6 +288,30 @@ class Simulator:
             env = self.env_mean
         image.log_compress(env, s.gain_db, tgc, s.dynamic_range_db, self.bmode)
         scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
+
+    def _alloc_imaging(self):
+        """Fields and constants of the coherent scatterer model (march.scatterer_sum) and the
+        elevation planes; called at the end of :meth:`_alloc`."""
+        real, g = self.real, bool(self.requires_grad)
+        p, st = self.probe, self.settings
+        NR, NS = p.n_lines, p.n_samples
+        self.scat_q, self.rf_q = (ti.field(real, shape=(NR, NS), needs_grad=g) for _ in range(2))
+        self.ey, self.eyv = (ti.Vector.field(3, real, shape=NR, needs_grad=g) for _ in range(2))
+        self._n_elev = int(st.elevation_planes)
+        off, w = image.elevation_planes(p, self._n_elev)
+        self.elev_off = ti.field(real, shape=off.shape)
+        self.elev_w = ti.field(real, shape=w.shape)
+        self.elev_off.from_numpy(off.astype(self._np_real))
+        self.elev_w.from_numpy(w.astype(self._np_real))
+        ti_, tq, lw = self._taps
+        c = image.speckle_power_factor(ti_, tq, lw, p.sample_spacing_mm, st.noise_cell_mm, w,
+                                       image.line_spacing_mm(p))
+        self._speckle_c = ti.field(real, shape=NS)      # per-depth expected speckle power
+        self._speckle_c.from_numpy(np.asarray(c).astype(self._np_real))
+
+    def _k2h(self) -> float:
+        """Round-trip wavenumber 2k = 4 pi / wavelength times the scatterer cell (rad)."""
+        return 4.0 * np.pi / self.probe.wavelength_mm * self.settings.noise_cell_mm
 
     @property
     def speckle_mode(self) -> str:
@@ -307,7 +342,8 @@ class Simulator:
         out = {
             "ray_origin_mm": self.ro.to_numpy(), "ray_direction": self.rd.to_numpy(),
             "impedance_MRayl": self.z.to_numpy() + echo.Z_REF, "attenuation_dB_cm_MHz": self.alpha.to_numpy(),
-            "scatterers": self.scat.to_numpy(), "incidence_cos": self.cosw.to_numpy(),
+            "scatterers": self.scat.to_numpy(), "scatterers_q": self.scat_q.to_numpy(),
+            "incidence_cos": self.cosw.to_numpy(),
             "echo": (self.trace if self.echo_model == "reverb" else self.echo).to_numpy(),
             "two_way_gain": self.gain.to_numpy(), "rf": self.rf.to_numpy(),
             "iq_i": self.lat_i.to_numpy(), "iq_q": self.lat_q.to_numpy(),

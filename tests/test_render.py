@@ -89,31 +89,39 @@ def test_sphere_appears_at_predicted_fan_position(cpu32, oblique):
     xs, zs = probe.fan_axes_mm()
     col_pred = np.interp(x_pred, xs, np.arange(len(xs)))
     row_pred = np.interp(z_pred, zs, np.arange(len(zs)))
-    row, col = np.unravel_index(np.argmax(fan), fan.shape)
+    # the front cap of the sphere: centroid (columns) of the bright arc, and its row there; with a
+    # realistically narrow beam (lambda z / D) single-pixel maxima follow the voxel partial volume
+    prof = fan.max(0)
+    cols = np.flatnonzero(prof >= prof.max() - 0.05)          # within 2.5 dB of the peak
+    col = float(np.sum(cols * prof[cols]) / np.sum(prof[cols]))
+    row = int(np.argmax(fan[:, int(round(col))]))
     assert fan.max() > 0.5
-    assert abs(col - col_pred) <= 1.0 and abs(row - row_pred) <= 1.0, \
+    assert abs(col - col_pred) <= 1.5 and abs(row - row_pred) <= 1.0, \
         (row, col, row_pred, col_pred)
 
 
 # ---------------------------------------------------------------------------------------------
 def test_uniform_attenuation_slope(cpu32):
     alpha = 0.5   # dB/cm/MHz
-    mapping = AcousticMapping("tissue", overrides={"white_matter": (1.62, alpha, 0.15)})
     probe = get_probe("linear", width_mm=20.0, depth_mm=40.0, n_lines=256, n_samples=512,
                       image_px=(64, 64), frequency_mhz=5.0)
-    sim = Simulator("uniform", probe=probe, mapping=mapping, arch="cpu", tgc_db_per_cm=0.0)
-    sim.render()
-    st = sim.stages()
     depth_cm = probe.sample_depths_mm() / 10.0
     expected = -2 * alpha * probe.frequency_mhz          # dB/cm, round trip
-    # the two-way gain of the model, exactly
     inside = (depth_cm > 0.3) & (depth_cm < 3.5)
-    g_db = 20 * np.log10(st["two_way_gain"].mean(0))
-    slope = np.polyfit(depth_cm[inside], g_db[inside], 1)[0]
-    assert slope == pytest.approx(expected, rel=1e-3)
-    # and what an observer measures on the speckle envelope
-    env_db = 10 * np.log10((st["envelope"][:, inside] ** 2).mean(0))
-    slope_env = np.polyfit(depth_cm[inside], env_db, 1)[0]
+    env_db = {}
+    for a in (alpha, 0.0):
+        mapping = AcousticMapping("tissue", overrides={"white_matter": (1.62, a, 0.15)})
+        sim = Simulator("uniform", probe=probe, mapping=mapping, arch="cpu", tgc_db_per_cm=0.0)
+        sim.render()
+        st = sim.stages()
+        if a == alpha:   # the two-way gain of the model, exactly
+            g_db = 20 * np.log10(st["two_way_gain"].mean(0))
+            slope = np.polyfit(depth_cm[inside], g_db[inside], 1)[0]
+            assert slope == pytest.approx(expected, rel=1e-3)
+        env_db[a] = 10 * np.log10((st["envelope"][:, inside] ** 2).mean(0))
+    # what an observer measures on the speckle envelope, relative to a non-attenuating reference
+    # block (reference-phantom method: removes the depth dependence of the beam)
+    slope_env = np.polyfit(depth_cm[inside], env_db[alpha] - env_db[0.0], 1)[0]
     assert slope_env == pytest.approx(expected, rel=0.05)
 
 
@@ -131,15 +139,19 @@ def test_speckle_fixed_in_tissue_when_probe_slides(cpu32):
     sim.render(base.moved((k * dx, 0, 0)))
     s1 = sim.stages()
     a, b = s0["scatterers"][k:], s1["scatterers"][:-k]
-    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()    # f32 world positions
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()    # f32 world positions (see below)
     M = sim.M
     ea, eb = s0["envelope"][k + M:-M], s1["envelope"][M:-k - M]
-    assert np.abs(ea - eb).max() <= 1e-4 * ea.max()
+    assert np.abs(ea - eb).max() <= 1e-3 * ea.max()
     # slide axially by m samples: the same world points carry the same scatterers
     sim.render(base.moved((0, 0, m * probe.sample_spacing_mm)))
     s2 = sim.stages()
     a, b = s0["scatterers"][:, m:-5], s2["scatterers"][:, : -m - 5]
-    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    # the coherent phase 2k (p - x).d of each scatterer is computed from f32 world positions
+    # (ulp ~4e-6 mm at 30 mm, 2k = 73 rad/mm at 9 MHz): agreement to ~3e-4
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
+    aq, bq = s0["scatterers_q"][:, m:-5], s2["scatterers_q"][:, : -m - 5]
+    assert np.abs(aq - bq).max() <= 1e-3 * np.abs(aq).max()
     # a different seed is a different tissue realisation
     sim2 = Simulator("uniform", probe=probe, arch="cpu", seed=2)
     sim2.render(base)
@@ -156,11 +168,11 @@ def test_fan_looks_like_ultrasound(cpu32):
     assert np.all(fan[~inside] == 0.0)                   # black outside the sector
     assert fan[inside].mean() > 0.1                      # tissue is visible
     assert fan.min() >= 0.0 and fan.max() <= 1.0
-    # speckle: granular texture, contrast (std/mean at each depth) of the order of Rayleigh's
-    # 0.52 (fully developed speckle statistics are the realism issue's; here 0.7 is measured)
+    # speckle: granular texture, contrast (std/mean at each depth) near Rayleigh's 0.523 (the
+    # phantom's tissue is not uniform, so somewhat above; exact statistics: test_physics_validation)
     env = sim.stages()["envelope"][30:100, 40:200]
     env = env / env.mean(axis=0)
-    assert 0.3 < env.std() < 0.85
+    assert 0.4 < env.std() < 0.75
 
 
 def _render_all_models(arch):
