@@ -13,7 +13,8 @@ log = logging.getLogger("diffus_taichi")
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--volume", default="brain",
-                   help="built-in volume (brain, phantom, phantom-noskull, uniform) or a NIfTI "
+                   help="built-in volume (brain, phantom, phantom-noskull, uniform, wires, cysts, "
+                        "layers) or a NIfTI "
                         "path (.nii/.nii.gz, world mm from its affine) [default: brain]")
     p.add_argument("--probe", default="craniotomy",
                    help="probe preset: craniotomy, phased, convex, linear [default: craniotomy]")
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .registration import add_search_parser; add_search_parser(sub)  # noqa: E702
     from .mapping_fit import add_fit_parser; add_fit_parser(sub)  # noqa: E702
     from .app import add_demo_parser; add_demo_parser(sub)  # noqa: E702
+    from .remind_compare import add_compare_parser; add_compare_parser(sub)  # noqa: E702
+    from .sweep import add_sweep_parser; add_sweep_parser(sub)  # noqa: E702
+    from .synthesis import add_synthesize_parser; add_synthesize_parser(sub)  # noqa: E702
     return p
 
 
