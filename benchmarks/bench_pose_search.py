@@ -124,6 +124,7 @@ def summarize(rows):
     return {"n": len(rows), "success_rate": float(np.mean(ok)) if rows else float("nan"),
             "median_s": pct(t, 50), "p90_s": pct(t, 90), "median_iters": pct(it, 50),
             "p90_iters": pct(it, 90),
+            "restarted": int(sum(r.get("attempts", 1) > 1 for r in rows)),
             "median_err_mm": pct([r["err_mm"] for r in rows], 50),
             "median_err_deg": pct([r["err_deg"] for r in rows], 50)}
 
@@ -203,12 +204,17 @@ def main(argv=None) -> int:
             row = {"trial": i, "case": c, "success": bool(et < 1.0 and er < 1.0), "err_mm": et,
                    "err_deg": er, "init_err_mm": e0[0], "init_err_deg": e0[1],
                    "seconds": res.seconds, "iterations": res.iterations, "loss": res.loss,
+                   "sample_evaluations": res.sample_evaluations, "attempts": res.attempts,
+                   "match_loss": res.to_dict()["match_loss"],
+                   "attempt_losses": res.attempt_losses,
+                   "attempt_errors": [list(p.error_to(truth)) for p in res.attempt_poses],
                    "true_pose": truth.to_string(), "init_pose": init.to_string(),
                    "final_pose": res.pose.to_string(), "start_losses": res.start_losses}
             rows[c].append(row)
             print(f"[{c:10s} {i:3d}] {'ok  ' if row['success'] else 'FAIL'} err {et:6.2f} mm "
                   f"{er:6.2f} deg (init {e0[0]:5.1f} mm {e0[1]:5.1f} deg) {res.seconds:5.1f} s "
-                  f"{res.iterations:4d} evals", file=sys.stderr, flush=True)
+                  f"{res.iterations:4d} evals (+{res.sample_evaluations} loss-only) "
+                  f"{res.attempts} attempt(s)", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     import taichi as ti
 
@@ -221,13 +227,14 @@ def main(argv=None) -> int:
           f"{ps.optimizer}, seed {a.seed}, {a.trials} trials; init +-{a.init_mm:g} mm / "
           f"+-{a.init_deg:g} deg per probe axis; success < 1 mm and < 1 deg\n")
     print("| case | success | median time (s) | p90 time (s) | median evals | p90 evals | "
-          "median error (mm / deg) |")
-    print("|---|---|---|---|---|---|---|")
+          "median error (mm / deg) | restarted |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in cases:
         s = summ[c]
         print(f"| {c} | {100 * s['success_rate']:.0f} % ({sum(r['success'] for r in rows[c])}/"
               f"{s['n']}) | {s['median_s']:.1f} | {s['p90_s']:.1f} | {s['median_iters']:.0f} | "
-              f"{s['p90_iters']:.0f} | {s['median_err_mm']:.2f} / {s['median_err_deg']:.2f} |")
+              f"{s['p90_iters']:.0f} | {s['median_err_mm']:.2f} / {s['median_err_deg']:.2f} | "
+              f"{s['restarted']} |")
     print(f"\nHardware: {hw}\nBuild {t_build:.1f} s, warm-up (JIT) {t_jit:.1f} s "
           "(not in the times)")
     if a.json:

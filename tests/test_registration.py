@@ -156,3 +156,34 @@ def test_cli_target_image_wrong_shape(tmp_path):
     r = _cli(["--volume", "phantom", "--target-image", "missing.png", "--init-pose",
               "0,0,60,180,0,0"], tmp_path)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_sample_starts_homes_in():
+    """The loss-only pre-screen (cross-entropy rounds) finds the basin of a bowl whose minimum
+    lies in a corner of the start box, far from every axis-aligned start."""
+    ps = PoseSearch.__new__(PoseSearch)          # sample_starts needs only these settings
+    ps.sample_points, ps.sample_rounds, ps.sample_box = 96, 3, 1.35
+    x0 = np.array([10.0, -11.0, 8.0, -9.0, 10.0, -8.0])
+    starts = PoseSearch.start_points(16, 9.0, 9.0, np.random.default_rng(0))
+    chosen, n = ps.sample_starts(lambda x: float(np.sum((x - x0) ** 2)), starts, 8, 9.0, 9.0,
+                                 np.random.default_rng(1))
+    assert n == 96 * 3 and len(chosen) == 8
+    assert np.all(chosen[0] == 0)                               # the initial pose is kept
+    assert np.abs(chosen[1] - x0).max() < 4.0, chosen[1]       # from >= 8 per axis
+    assert min(np.abs(c - x0).max() for c in starts) > 8.0
+    with pytest.raises(ValueError, match="attempts"):
+        PoseSearch("phantom", SMALL, attempts=0)
+
+
+def test_match_loss_predicts_loss_at_truth(phantom_search):
+    """The restart rule's yardstick: at the true pose, the loss against a coherent target is
+    close to match_loss (a fresh coherent render there); at a wrong pose it is far above it."""
+    ps = phantom_search
+    target = ps.render(PHANTOM_POSE)                            # coherent speckle, seed 1
+    ps.set_target(target)
+    sim = ps.sims[-1]
+    at_truth, floor = sim.loss(PHANTOM_POSE), ps.match_loss(PHANTOM_POSE)
+    assert abs(sim.loss(PHANTOM_POSE) - at_truth) < 1e-9      # target restored afterwards
+    assert 0 < floor and at_truth < ps.restart_ratio * floor, (at_truth, floor)
+    wrong = PHANTOM_POSE.moved((0.0, 6.0, 0.0), np.radians((8.0, 0.0, 0.0)))
+    assert sim.loss(wrong) > 2 * ps.match_loss(wrong), (sim.loss(wrong), ps.match_loss(wrong))
