@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import glob
 import json
@@ -658,7 +659,8 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
         probe = renderer.probe if probe is None else probe
     volume = load_volume(volume)
     probe = _probe_for(pairs, probe)
-    mapping0 = get_mapping(kind if init is None else init, volume)
+    # a copy: the Simulator writes the fitted parameters into its mapping, not the caller's
+    mapping0 = copy.deepcopy(get_mapping(kind if init is None else init, volume))
     kind = mapping0.kind
     s, model = _settings_kw(pairs, settings, speckle)
     if renderer is None:
