@@ -9,7 +9,8 @@ Parameters: the (K, 3) transfer-function knots [MRayl, dB/cm/MHz, scattering] (k
 ``transfer``), the (T, 3) tissue-table rows (kind ``tissue``; ``fit`` selects the columns) or
 the flat weights of a small MLP (kind ``mlp``, :mod:`~diffus_taichi.mlp_mapping`; ``fit``
 selects which output rows learn, the hidden layers are shared; the impedance output bias, a
-common log-impedance offset, is the unobservable gauge and stays fixed).
+common log-impedance offset, is set after every step so that the support-weighted mean log
+impedance keeps its initial value: the unobservable gauge).
 Each iteration sums d loss / d parameters over the pairs (``Simulator.value_and_grad(pose,
 wrt=("pose", "mapping"))``), takes an Adam step (impedance in log units, attenuation and
 scattering relative to their scale) and projects back onto the constraints: impedance >= 0.1
@@ -781,7 +782,12 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
 def _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final, batch_size, seed,
              progress, callback, support, constrained, t0):
     """Adam on the flat MLP weights (see :func:`fit_mapping`); output rows of properties not in
-    ``fit`` and the impedance output bias (gauge) stay at their initial values."""
+    ``fit`` stay at their initial values. Gauge: after every step the impedance output bias (a
+    common log-impedance offset, unobservable) is reset so that the support-weighted mean log
+    impedance of the flat-tissue curve at the knot intensities keeps its initial value (as the
+    transfer-function fit does); without it the hidden layers let the common scale drift."""
+    from .mlp_mapping import flat_features
+
     mp = mapping0.mlp
     w0 = mp.weights.copy()
     H = mp.sizes[-2]
@@ -794,6 +800,13 @@ def _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final, bat
             free[out_w[c]] = False
             free[out_b[c]] = False
     w = w0.copy()
+    feats = flat_features(mp, np.linspace(0.0, 1.0, len(support)))
+    aw = np.where(constrained, support, 0.0)
+    aw = aw / aw.sum() if aw.sum() > 0 else np.full(len(support), 1.0 / len(support))
+
+    def mean_log_z(wv):
+        return float(aw @ np.log(mp.props(feats, wv)[:, 0]))
+    ref_log_z = mean_log_z(w0)
     opt = Adam(w.shape, lr)
     rng = np.random.default_rng(seed)
     n = len(pairs)
@@ -814,6 +827,8 @@ def _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final, bat
             frac = it / max(1, iters - 1)
             lr_scale = lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
             w = w + np.where(free, opt.step(np.where(free, G, 0.0), lr_scale), 0.0)
+            if "impedance" in fit:     # log Z = log Z_REF + o0: the bias shifts it exactly
+                w[out_b[0]] += ref_log_z - mean_log_z(w)
             _write_params(sim, "mlp", w)
             hist["loss"].append(val)
             hist["params"].append(w.copy())
@@ -826,7 +841,7 @@ def _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final, bat
         select(i)
         final += sim.loss(Pose.from_vector(pairs.poses[i]))
     hist.update(final_loss=final / n, support=support, constrained=constrained, fit=fit,
-                seconds=time.perf_counter() - t0, kind="mlp", anchor="impedance output bias",
+                seconds=time.perf_counter() - t0, kind="mlp", anchor="mean",
                 s_per_iter=(time.perf_counter() - t0) / max(1, iters))
     fitted = mapping_from_params(w, "mlp", mapping0, volume)
     log.info("MLP mapping fit: %d pairs, %d iterations, loss %.4g -> %.4g, %.1f s", n, iters,
