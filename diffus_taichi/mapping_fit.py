@@ -386,6 +386,21 @@ def _target_selector(sim, images, loss: str):
     return select
 
 
+def _cosine_scale(it: int, iters: int, final: float) -> float:
+    """Step-size factor of iteration ``it``: cosine decay from 1 to ``final``."""
+    frac = it / max(1, iters - 1)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _mean_loss(sim, select, poses) -> float:
+    """Mean loss of ``sim`` over all pairs (``select(i)`` makes image i the target)."""
+    total = 0.0
+    for i, v in enumerate(poses):
+        select(i)
+        total += sim.loss(Pose.from_vector(v))
+    return total / len(poses)
+
+
 def _write_params(sim, kind, P):
     if kind == "mlp":
         sim.set_mapping_params(mlp=P)     # outside the volume stays the background tissue
@@ -754,8 +769,7 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
             gth[:, 0] *= P[:, 0]               # d/d log z
             gth[:, 1:] *= scale[1:]
             gth[~step_mask] = 0.0
-            frac = it / max(1, iters - 1)
-            lr_scale = lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
+            lr_scale = _cosine_scale(it, iters, lr_final)
             theta = theta + np.where(step_mask, opt.step(gth, lr_scale), 0.0)
             P = np.where(mask, project_params(from_theta(theta), kind, ref, aw), P0)
             theta = to_theta(P)
@@ -766,11 +780,7 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
             bar.update(1, loss=val)
             if callback is not None:
                 callback(it, val, P)
-    final = 0.0
-    for i in range(n):
-        select(i)
-        final += sim.loss(Pose.from_vector(pairs.poses[i]))
-    hist.update(final_loss=final / n, support=support, constrained=constrained, fit=fit,
+    hist.update(final_loss=_mean_loss(sim, select, pairs.poses), support=support, constrained=constrained, fit=fit,
                 seconds=time.perf_counter() - t0, kind=kind, anchor=anchor,
                 s_per_iter=(time.perf_counter() - t0) / max(1, iters))
     fitted = mapping_from_params(P, kind, mapping0, volume)
@@ -824,8 +834,7 @@ def _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final, bat
                 G += g["mlp"] / len(idx)
             if not np.all(np.isfinite(G)):
                 raise RuntimeError(f"non-finite MLP gradient at iteration {it}")
-            frac = it / max(1, iters - 1)
-            lr_scale = lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
+            lr_scale = _cosine_scale(it, iters, lr_final)
             w = w + np.where(free, opt.step(np.where(free, G, 0.0), lr_scale), 0.0)
             if "impedance" in fit:     # log Z = log Z_REF + o0: the bias shifts it exactly
                 w[out_b[0]] += ref_log_z - mean_log_z(w)
@@ -836,11 +845,7 @@ def _fit_mlp(sim, pairs, select, mapping0, volume, fit, iters, lr, lr_final, bat
             bar.update(1, loss=val)
             if callback is not None:
                 callback(it, val, w)
-    final = 0.0
-    for i in range(n):
-        select(i)
-        final += sim.loss(Pose.from_vector(pairs.poses[i]))
-    hist.update(final_loss=final / n, support=support, constrained=constrained, fit=fit,
+    hist.update(final_loss=_mean_loss(sim, select, pairs.poses), support=support, constrained=constrained, fit=fit,
                 seconds=time.perf_counter() - t0, kind="mlp", anchor="mean",
                 s_per_iter=(time.perf_counter() - t0) / max(1, iters))
     fitted = mapping_from_params(w, "mlp", mapping0, volume)

@@ -69,12 +69,7 @@ def hash_u32(i, j, k, seed):
     """Integer hash of a lattice point (murmur3 finaliser)."""
     h = (ti.cast(i, ti.u32) * ti.u32(73856093)) ^ (ti.cast(j, ti.u32) * ti.u32(19349663)) \
         ^ (ti.cast(k, ti.u32) * ti.u32(83492791)) ^ (ti.cast(seed, ti.u32) * ti.u32(2654435761))
-    h ^= h >> ti.u32(16)
-    h *= ti.u32(0x85EBCA6B)
-    h ^= h >> ti.u32(13)
-    h *= ti.u32(0xC2B2AE35)
-    h ^= h >> ti.u32(16)
-    return h
+    return fmix_u32(h)
 
 
 # lattice origin shift (cells): keeps the lattice planes off the round world coordinates that test
