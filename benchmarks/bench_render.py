@@ -14,7 +14,8 @@ For every backend and lines x samples size it builds
   (float64), from pose to fan image; pose-independent set-up excluded, as for the Simulator;
 * (b) the prior prototype's algorithm, ``reference_numpy.prototype_dense_returns``: one dense
   linear solve per depth, O(N^4) per ray, for one ray at ``--proto-samples`` samples; a frame is
-  n_lines x that. Where a size was not measured the time is extrapolated with the law
+  n_lines x that (timed in a child process with single-threaded BLAS). Where a size was not
+  measured the time is extrapolated with the law
   t = c N^4 fitted to the largest measured size (N = samples - 1 interfaces). The prototype
   figure covers only its echo stage, so the speed-up against it is a lower bound on that account.
   Check of the extrapolation: one ray at 512 samples measured 2.8-3.6 s on the 2-core dev box,
@@ -34,156 +35,47 @@ Vulkan driver with ``VK_ICD_FILENAMES``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import logging
 import os
-import platform
 import sys
 import time
-import warnings
-
-try:    # the dense prototype is timed on single-threaded BLAS (see bench_prototype)
-    from threadpoolctl import threadpool_limits
-except ImportError:   # fall back to one BLAS thread for the whole process (set before numpy)
-    threadpool_limits = None
-    for _v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_v, "1")
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-warnings.filterwarnings("ignore", message=".*unrolling more than.*")
-warnings.filterwarnings("ignore", message=".*getdefaultlocale.*", category=DeprecationWarning)
 
-import taichi as ti  # noqa: E402
+from diffus_taichi import bench  # noqa: E402  (the shared benchmark code: one implementation)
+
+bench._quiet_warnings()
+
+import taichi as ti  # noqa: E402,F401
 
 from diffus_taichi import backend, get_probe, layered_returns, load_volume  # noqa: E402
+from diffus_taichi.bench import (ARCH_ORDER, fmt_ms, hardware, parse_sizes,  # noqa: E402,F401
+                                 prototype_frame_ms, stats)
 from diffus_taichi.simulator import ECHO_MODELS, Simulator  # noqa: E402
 from reference_numpy import PrimaryNumpy, prototype_dense_returns  # noqa: E402
 
-GOAL = ("cpu", 256, 512, 10.0)     # backend, lines, samples, ms/frame (forward)
-ARCH_ORDER = ("cpu", "vulkan", "cuda")
-
-
-# ----------------------------------------------------------------------------------------------
-def hardware() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    try:
-        load = tuple(round(x, 2) for x in os.getloadavg())
-    except OSError:
-        load = None
-    return {"cpu_model": model, "cpu_count": os.cpu_count(), "usable_cores": usable,
-            "loadavg_1_5_15": load, "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "taichi": ".".join(map(str, ti.__version__)),
-            "vk_icd_filenames": os.environ.get("VK_ICD_FILENAMES", ""),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        try:
-            lines, samples = (int(v) for v in part.split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size {part!r}: expected LINESxSAMPLES, e.g. 256x512") from None
-        out.append((lines, samples))
-    if not out:
-        raise argparse.ArgumentTypeError("no sizes given")
-    return out
+GOAL = ("cpu", 256, 512, bench.GOAL_FORWARD_MS)   # backend, lines, samples, ms/frame (forward)
 
 
 def parse_archs(text: str | None) -> list[str]:
-    if not text or text == "all":
-        avail = backend.available_archs()
-        return [a for a in ARCH_ORDER if a in avail]
-    archs = [a.strip().lower() for a in text.split(",") if a.strip()]
-    for a in archs:
-        if a not in ARCH_ORDER:
-            raise SystemExit(f"unknown arch {a!r}; choose from {', '.join(ARCH_ORDER)}")
-    return archs
-
-
-def time_ms(fn, repeats: int, warmup: int = 0) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    ts = np.empty(repeats)
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts[i] = time.perf_counter() - t0
-    return ts * 1e3
-
-
-def time_interleaved(fn_a, fn_b, repeats: int, warmup: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Time two functions alternately (a, b, a, b, ...) so that load bursts from other processes
-    on a shared machine hit both series alike; returns both in ms."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb = np.empty(repeats), np.empty(repeats)
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn_a()
-        t1 = time.perf_counter()
-        fn_b()
-        t2 = time.perf_counter()
-        ta[i], tb[i] = t1 - t0, t2 - t1
-    return ta * 1e3, tb * 1e3
-
-
-def adaptive_repeats(fn, budget_s: float, lo: int, hi: int) -> np.ndarray:
-    """Time fn once (warm-up + estimate), then as many repeats as fit in budget_s (lo..hi)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    n = int(min(hi, max(lo, budget_s / max(first, 1e-6))))
-    return time_ms(fn, n)
-
-
-def stats(ts: np.ndarray) -> dict:
-    return {"median_ms": float(np.median(ts)), "min_ms": float(ts.min()),
-            "p90_ms": float(np.percentile(ts, 90)), "n": int(ts.size)}
+    try:
+        return bench.parse_archs(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
 def bench_taichi(vol, arch, sizes, args, numpy_refs):
     rows = []
     for L, S in sizes:
-        backend.ensure(arch, "f32")                      # re-initialises Taichi on a switch
-        probe = get_probe("craniotomy", n_lines=L, n_samples=S, image_px=args.image_px)
-        t0 = time.perf_counter()
-        sim = Simulator(vol, probe=probe, arch=arch, echo_model=args.model)
-        build_s = time.perf_counter() - t0
+        sim, build_s = bench.make_sim(vol, arch, L, S, args.image_px, args.model)
         pose = vol.default_pose
-        sim.set_pose(pose)
-        t0 = time.perf_counter()
-        sim.forward()
-        ti.sync()
-        first_s = time.perf_counter() - t0               # includes JIT (or offline-cache load)
-
-        def fwd():
-            sim.forward()
-            ti.sync()
-
-        t_fwd, t_render = time_interleaved(fwd, lambda: sim.render(pose), args.repeats, warmup=5)
+        t = bench.time_forward(sim, pose, args.repeats, warmup=5)
         row = {"backend": arch, "lines": L, "samples": S, "build_s": build_s,
-               "first_frame_s": first_s, "forward": stats(t_fwd), "render": stats(t_render)}
+               "first_frame_s": t["first_frame_s"], "forward": t["forward"], "render": t["render"]}
         if args.model == "primary":
             if (L, S) not in numpy_refs:
                 numpy_refs[(L, S)] = PrimaryNumpy.from_simulator(sim)
@@ -196,8 +88,9 @@ def bench_taichi(vol, arch, sizes, args, numpy_refs):
         print(f"  {arch:6s} {L}x{S}: forward {f['median_ms']:.2f} ms (min {f['min_ms']:.2f}, p90 "
               f"{f['p90_ms']:.2f}), render {rd['median_ms']:.2f} ms (min {rd['min_ms']:.2f}, p90 "
               f"{rd['p90_ms']:.2f}) (build {build_s:.1f} s, first frame "
-              f"{first_s:.2f} s)" + (f", |fan - numpy| = {row['max_abs_diff_vs_numpy_f64']:.1e}"
-                                     if "max_abs_diff_vs_numpy_f64" in row else ""), flush=True)
+              f"{row['first_frame_s']:.2f} s)" + (f", |fan - numpy| = {row['max_abs_diff_vs_numpy_f64']:.1e}"
+                                                  if "max_abs_diff_vs_numpy_f64" in row else ""),
+              flush=True)
         del sim
     return rows
 
@@ -205,52 +98,20 @@ def bench_taichi(vol, arch, sizes, args, numpy_refs):
 def bench_numpy(numpy_refs, vol, args):
     out = {}
     for (L, S), ref in numpy_refs.items():
-        ts = adaptive_repeats(lambda: ref.render(vol.default_pose), args.numpy_budget_s,
-                              lo=5, hi=args.repeats)
-        out[(L, S)] = stats(ts)
-        print(f"  numpy  {L}x{S}: {out[(L, S)]['median_ms']:.1f} ms (n={ts.size})", flush=True)
+        out[(L, S)] = bench.bench_numpy(ref, vol.default_pose, args.numpy_budget_s, lo=5,
+                                        hi=args.repeats)
+        print(f"  numpy  {L}x{S}: {out[(L, S)]['median_ms']:.1f} ms (n={out[(L, S)]['n']})",
+              flush=True)
     return out
 
 
 def bench_prototype(args):
-    """Per-ray time of the dense algorithm at each sample count; fit t = c N^4.
-
-    BLAS is limited to one thread: the solves are small (<= 2N+2 unknowns) and multi-threaded
-    OpenBLAS on them was both slower and erratic on the 2-core box (up to 10x, spin-waiting
-    threads under load); a parallel prototype would split rays over cores instead."""
-    rng = np.random.default_rng(0)
-    meas = {}
-    for S in args.proto_samples:
-        z = rng.uniform(1.4, 1.8, S)                     # soft-tissue-like impedances (MRayl)
-        if threadpool_limits is not None:
-            with threadpool_limits(limits=1, user_api="blas"):
-                ts = adaptive_repeats(lambda: prototype_dense_returns(z), 0.5, lo=3, hi=20)
-        else:
-            ts = adaptive_repeats(lambda: prototype_dense_returns(z), 0.5, lo=3, hi=20)
-        meas[S] = stats(ts)
-        print(f"  dense prototype, 1 ray x {S} samples: {meas[S]['median_ms']:.2f} ms "
-              f"(n={ts.size})", flush=True)
-    Smax = max(meas)
-    c4 = meas[Smax]["median_ms"] / (Smax - 1) ** 4
-    big = [s for s in meas if s >= 32] or list(meas)
-    if len(big) >= 2:
-        slope, _ = np.polyfit(np.log([s - 1 for s in big]),
-                              np.log([meas[s]["median_ms"] for s in big]), 1)
-    else:
-        slope = float("nan")
-    return {"per_ray": meas, "c_ms_per_N4": c4, "fit_from_samples": Smax,
-            "free_fit_exponent": float(slope), "free_fit_from_samples": big,
-            "t_ray_free_fit_ms": {}}
-
-
-def prototype_frame_ms(proto, L, S) -> tuple[float, str]:
-    if S in proto["per_ray"]:
-        return L * proto["per_ray"][S]["median_ms"], "measured"
-    # alternative (lower) extrapolation with the free power-law exponent, for the notes
-    Smax, k = proto["fit_from_samples"], proto["free_fit_exponent"]
-    if np.isfinite(k):
-        proto["t_ray_free_fit_ms"][S] = proto["per_ray"][Smax]["median_ms"] * ((S - 1) / (Smax - 1)) ** k
-    return L * proto["c_ms_per_N4"] * (S - 1) ** 4, "extrapolated"
+    """Per-ray time of the dense algorithm at each sample count (child process, single-threaded
+    BLAS); fit t = c N^4 (``diffus_taichi.bench.bench_prototype``)."""
+    proto = bench.bench_prototype(args.proto_samples, 0.5)
+    if proto is None:
+        raise SystemExit("prototype benchmark failed (see the log above)")
+    return proto
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +147,6 @@ def run_checks(vol, sizes, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-def fmt_ms(v: float) -> str:
-    if v >= 1e4:
-        return f"{v:.3g}".replace("e+0", "e").replace("e+", "e")
-    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,6 +167,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the agreement checks")
     ap.add_argument("--json", help="also write all results to this JSON file")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _h = logging.StreamHandler(sys.stdout)
+    _h.setFormatter(logging.Formatter("  %(message)s"))
+    bench.log.addHandler(_h)
+    bench.log.setLevel(logging.INFO)
+    bench.log.propagate = False
     if args.repeats < 20:
         print(f"note: --repeats {args.repeats} < 20 (the issue asks for a median of >= 20)")
     archs = parse_archs(args.arch)
@@ -361,24 +222,13 @@ def main(argv=None) -> int:
           "pose upload + forward + fan copy to NumPy. Speed-ups use the forward time.")
     print("NumPy primary = benchmarks/reference_numpy.py (same model, float64, vectorised), "
           "pose -> fan, pose-independent set-up excluded.")
-    meas = ", ".join(f"{s}: {m['median_ms']:.2f}" for s, m in sorted(proto["per_ray"].items()))
-    print(f"prototype = dense 2(n+1)-unknown solve per depth n (np.linalg.solve), one ray measured at "
-          f"samples {{{meas}}} ms (one core, single-threaded BLAS); frame = lines x per-ray time.")
-    k = proto["free_fit_exponent"]
-    free = (f" A free power-law fit over samples {proto['free_fit_from_samples']} gives exponent "
-            f"{k:.2f}: small solves run below peak BLAS speed, so the local exponent is still < 4."
-            if np.isfinite(k) else "")
-    print(f"'extrapolated' = lines x c N^4 with N = samples - 1 and c = {proto['c_ms_per_N4']:.3e} ms "
-          f"fitted at {proto['fit_from_samples']} samples.{free} The prototype column covers only "
-          "its echo stage, so its speed-up is a lower bound on that account.")
-    for S, t in sorted(proto["t_ray_free_fit_ms"].items()):
-        print(f"  at {S} samples: {proto['c_ms_per_N4'] * (S - 1) ** 4:.4g} ms/ray by c N^4, "
-              f"{t:.4g} ms/ray by the free fit (measure it with --proto-samples ...,{S})")
+    for line in bench.prototype_note(proto):
+        print(line)
     g_arch, g_L, g_S, g_ms = GOAL
     goal_rows = [r for r in rows if (r["backend"], r["lines"], r["samples"]) == (g_arch, g_L, g_S)]
     if goal_rows and tuple(args.image_px) == (512, 512) and args.model == "primary":
         v, vmin = goal_rows[0]["forward"]["median_ms"], goal_rows[0]["forward"]["min_ms"]
-        print(f"goal ({g_arch}, {g_L} x {g_S}, 512x512 fan, <= {g_ms:.0f} ms/frame): median "
+        print(f"goal ({g_arch}, {g_L} x {g_S}, 512x512 fan, <= {g_ms:g} ms/frame): median "
               f"{v:.2f} ms (fastest frame {vmin:.2f} ms) -> {'met' if v <= g_ms else 'NOT met'}"
               f" (load average at start {hw['loadavg_1_5_15']}: on a shared machine other processes "
               "slow the frames down)")

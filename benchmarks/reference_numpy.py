@@ -5,7 +5,7 @@
   mapping per voxel (the acoustic-property volume, pose-independent, built once), rays from the
   pose, trilinear march with the analytic gradient of the impedance interpolant (incidence-angle
   weight), coherent tissue-fixed lattice scatterers as ``march.scatterer_sum`` (same uint32
-  murmur hash and second hash ``fmix_u32(h ^ 0x9E3779B9)``), same Irwin-Hall amplitudes, lattice
+  murmur hash, a and b from its byte pairs 0-1 and 2-3), lattice
   shift, SCAT_AMP, trilinear weights of the 8 cells and round-trip phases; the phases use a
   mirror of ``march.fast_cos_sin``/``cell_phasors``, not np.cos/np.sin, which differ by ~4e-6),
   ``elevation_planes`` 1 or 3 (``march.elevation_axes``, strength re-sampled on each plane),
@@ -86,23 +86,10 @@ def hash_u32(i, j, k, seed: int) -> np.ndarray:
     return h
 
 
-def fmix_u32(h: np.ndarray) -> np.ndarray:
-    """``march.fmix_u32``: murmur3 finaliser of a uint32 array."""
-    h = np.asarray(h, dtype=np.uint32).copy()
-    with np.errstate(over="ignore"):
-        h ^= h >> _U32(16)
-        h *= _U32(0x85EBCA6B)
-        h ^= h >> _U32(13)
-        h *= _U32(0xC2B2AE35)
-        h ^= h >> _U32(16)
-    return h
-
-
-def irwin_hall4(h: np.ndarray) -> np.ndarray:
-    """``march._irwin_hall4``: zero-mean value of variance 1/2 from the four bytes of h."""
-    u = ((h & _U32(0xFF)).astype(np.int64) + ((h >> _U32(8)) & _U32(0xFF)).astype(np.int64)
-         + ((h >> _U32(16)) & _U32(0xFF)).astype(np.int64) + (h >> _U32(24)).astype(np.int64))
-    return (u.astype(np.float64) - 510.0) * (1.2247448713915890 / 256.0)
+def byte_pair(h: np.ndarray) -> np.ndarray:
+    """``march._byte_pair``: zero-mean value of variance 1/2 from the two low bytes of h."""
+    u = (h & _U32(0xFF)).astype(np.int64) + ((h >> _U32(8)) & _U32(0xFF)).astype(np.int64)
+    return (u.astype(np.float64) - 255.0) * (1.7320508075688772 / 256.0)
 
 
 def fast_cos_sin(t):
@@ -138,8 +125,8 @@ def scatterer_sum(P: np.ndarray, x: np.ndarray, d: np.ndarray, inv_cell_mm: floa
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``march.scatterer_sum``: complex sum (I, Q) of the tissue-fixed lattice scatterers of the
     8 cells around world points x (..., 3) mm seen along unit directions d (broadcast to x):
-    sum_j w_j A_j exp(-i 2k (c_j - x).d), A_j = a_j + i b_j hashed per cell (Irwin-Hall from
-    ``hash_u32`` and ``fmix_u32(h ^ 0x9E3779B9)``), P = cell_phasors(d, k2h) (broadcast, (..., 8, 2))."""
+    sum_j w_j A_j exp(-i 2k (c_j - x).d), A_j = a_j + i b_j hashed per cell (a, b: byte pairs
+    0-1 and 2-3 of ``hash_u32``), P = cell_phasors(d, k2h) (broadcast, (..., 8, 2))."""
     q = x * inv_cell_mm + np.asarray(LATTICE_SHIFT)
     f0 = np.floor(q)
     i0 = f0.astype(np.int64)
@@ -158,9 +145,8 @@ def scatterer_sum(P: np.ndarray, x: np.ndarray, d: np.ndarray, inv_cell_mm: floa
                 wc = f[..., 2] if c else 1.0 - f[..., 2]
                 w = wa * wb * wc
                 h = hash_u32(i0[..., 0] + a, i0[..., 1] + b, i0[..., 2] + c, seed)
-                h2 = fmix_u32(h ^ _U32(0x9E3779B9))
-                sa = w * irwin_hall4(h)
-                sb = w * irwin_hall4(h2)
+                sa = w * byte_pair(h)
+                sb = w * byte_pair(h >> _U32(16))
                 n = 4 * a + 2 * b + c
                 if n == 0:
                     ai += sa

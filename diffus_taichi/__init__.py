@@ -1,16 +1,17 @@
 """diffus-taichi: differentiable B-mode ultrasound simulation from 3-D MRI volumes in Taichi.
 
 Data flow (one module per stage): volume -> acoustics -> pose/probe -> rays -> march -> echo ->
-image -> scan -> simulator (facade) -> cli.
+image -> scan -> simulator (facade) -> cli; ``fused`` runs march + echo + image in two kernels
+when no gradient is taken.
 """
-from .acoustics import AcousticMapping, TissueTable, get_mapping
+from .acoustics import AcousticMapping, TissueTable, get_mapping, mri_contrast, t1_mapping, t2_mapping
 from .pose import Pose, matrix_to_rotvec, rotvec_to_matrix
 from .probe import PRESETS, Probe, get_probe
 from .volume import BUILTINS, Volume, load_nifti, load_volume, register_builtin
 
 __version__ = "0.1.0"
 
-__all__ = ["AcousticMapping", "TissueTable", "get_mapping", "Pose", "matrix_to_rotvec",
+__all__ = ["AcousticMapping", "TissueTable", "get_mapping", "mri_contrast", "t1_mapping", "t2_mapping", "Pose", "matrix_to_rotvec",
            "rotvec_to_matrix", "PRESETS", "Probe", "get_probe", "BUILTINS", "Volume", "load_nifti",
            "load_volume", "register_builtin", "Simulator", "layered_returns"]
 

@@ -43,7 +43,7 @@ compose_kernel = unpack_kernel = billboard_kernel = splat_kernel = None
 
 DEFAULT_WINDOW = (1280, 720)
 ECHO_MODELS = ("primary", "layered", "reverb")
-MAPPINGS = ("auto", "tissue", "transfer")
+MAPPINGS = ("auto", "tissue", "transfer", "t2")
 
 BG = (18, 20, 24)
 PANEL_3D_BG = (30, 33, 40)

@@ -23,7 +23,8 @@ import numpy as np
 
 from .acoustics import ASSETS
 from .pose import Pose
-from .volume import INTENSITY, Volume, register_builtin
+from .volume import (CHUNK_VOXELS, INTENSITY, Volume, _check_affine, register_builtin,
+                     voxel_to_world)
 
 log = logging.getLogger(__name__)
 
@@ -35,51 +36,241 @@ def surface_pose(vol: Volume, direction, lateral_hint, content=None, standoff_mm
     """Probe on the outer surface of ``content`` (default: sum of tissue channels), reached from
     the content's centre along world ``direction``, looking back inwards (towards the centre)."""
     if content is None:
-        content = vol.channels[..., [i for i, n in enumerate(vol.channel_names) if n != INTENSITY]].sum(-1)
-    idx = np.argwhere(content > threshold)
-    if len(idx) == 0:
-        raise ValueError(f"volume {vol.name!r}: no content to put a probe on")
-    centre = vol.voxel_to_world(idx.mean(0))
+        tissue = [i for i, n in enumerate(vol.channel_names) if n != INTENSITY]
+
+        def region(sl):
+            return vol.channels[sl][..., tissue].sum(-1)
+    else:
+        content = np.asarray(content)
+
+        def region(sl):
+            return content[sl]
+    return _surface_pose(vol.affine, vol.shape, region, direction, lateral_hint, standoff_mm,
+                         threshold, vol.name)
+
+
+def _surface_pose(affine, shape, region, direction, lateral_hint, standoff_mm, threshold,
+                  name) -> Pose:
+    """:func:`surface_pose` on a content given as ``region(slices) -> array`` (the content on
+    that box of voxels), so that it never needs to exist as a whole: the centre of the voxels
+    above ``threshold`` comes from per-slab index sums (== np.argwhere(...).mean(0), exactly:
+    integer sums), then a march along ``direction`` finds the last voxel inside."""
+    X, Y, Z = (int(v) for v in shape)
+    per = max(1, CHUNK_VOXELS // (Y * Z))
+    n, s = 0, np.zeros(3, dtype=np.int64)
+    for a in range(0, X, per):
+        b = min(X, a + per)
+        m = region((slice(a, b),)) > threshold
+        cnt = int(np.count_nonzero(m))
+        if cnt:
+            n += cnt
+            s[0] += int(np.dot(np.arange(a, b, dtype=np.int64), m.sum(axis=(1, 2), dtype=np.int64)))
+            s[1] += int(np.dot(np.arange(Y, dtype=np.int64), m.sum(axis=(0, 2), dtype=np.int64)))
+            s[2] += int(np.dot(np.arange(Z, dtype=np.int64), m.sum(axis=(0, 1), dtype=np.int64)))
+    if n == 0:
+        raise ValueError(f"volume {name!r}: no content to put a probe on")
+    centre = voxel_to_world(affine, s.astype(np.float64) / n)
     u = np.asarray(direction, dtype=np.float64)
     u /= np.linalg.norm(u)
-    step = 0.25 * float(vol.spacing_mm.min())
+    step = 0.25 * float(np.linalg.norm(affine[:3, :3], axis=0).min())
+    w2v = np.linalg.inv(affine)
+    hi = np.array(shape)
     last_inside = 0.0
     for k in range(1, int(2000 / step)):
         p = centre + k * step * u
-        ijk = np.rint(vol.world_to_index(p)).astype(int)
-        if np.any(ijk < 0) or np.any(ijk >= np.array(vol.shape)):
+        ijk = np.rint(voxel_to_world(w2v, p)).astype(int)
+        if np.any(ijk < 0) or np.any(ijk >= hi):
             break
-        if content[tuple(ijk)] > threshold:
+        if region(tuple(slice(i, i + 1) for i in ijk)).reshape(-1)[0] > threshold:
             last_inside = k * step
     origin = centre + (last_inside + standoff_mm) * u
     return Pose.look_at(origin, -u, lateral_hint)
 
 
 # --------------------------------------------------------------------------------------------
+# the built-in brain: built from the asset (uint8 channels), cached on disk after the first
+# build (the finished uint8 channels, craniotomy included, and the default pose)
+# --------------------------------------------------------------------------------------------
+BRAIN_CACHE_VERSION = "1"       # bump when the brain's construction changes in another file
+CACHE_ENV = "DIFFUS_TAICHI_CACHE_DIR"
+BRAIN_CACHE_KEEP = 2            # entries kept (44 MB each): two checkouts may share the cache
+
+
+def cache_dir() -> str | None:
+    """Directory of diffus-taichi's on-disk cache: ``$DIFFUS_TAICHI_CACHE_DIR`` (empty, ``0``
+    or ``off``: no cache), else ``$XDG_CACHE_HOME/diffus_taichi`` (``~/.cache/diffus_taichi``)."""
+    d = os.environ.get(CACHE_ENV)
+    if d is not None:
+        return None if d.strip().lower() in ("", "0", "off", "none", "false") else d
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "diffus_taichi")
+
+
+def _brain_cache_key() -> str:
+    """Hash of everything the cached brain depends on: the asset (size and member CRCs), the
+    source of the modules that build it, numpy's version and BRAIN_CACHE_VERSION."""
+    import hashlib
+    import zipfile
+
+    from . import pose, volume
+
+    h = hashlib.sha256(f"{BRAIN_CACHE_VERSION}|{np.__version__}|{CRANIOTOMY_RADIUS_MM}".encode())
+    h.update(str(os.path.getsize(BRAIN_NPZ)).encode())
+    with zipfile.ZipFile(BRAIN_NPZ) as zf:
+        for info in zf.infolist():
+            h.update(f"|{info.filename}:{info.CRC}:{info.file_size}".encode())
+    for mod in (__file__, volume.__file__, pose.__file__):
+        with open(mod, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:24]
+
+
+def _brain_u8() -> tuple[np.ndarray, np.ndarray, list, Pose]:
+    """Build the brain from the asset: uint8 channels (X, Y, Z, 1 + tissues) [t1, tissues...]
+    (float value = uint8 / 255), the affine, the tissue names and the default pose; the
+    craniotomy is cut into the uint8 channels."""
+    with np.load(BRAIN_NPZ) as z:
+        names = [str(n) for n in z["channel_names"]]
+        affine = z["affine"].astype(np.float64)
+        t1 = z["t1"]
+        u8 = np.empty(t1.shape + (1 + len(names),), dtype=np.uint8)
+        u8[..., 0] = t1
+        del t1
+        for c, n in enumerate(names, 1):
+            u8[..., c] = z[n]
+    A = _check_affine(affine, "brain")
+    inv255 = np.float32(255.0)
+    mask_ch = [1 + names.index(n) for n in ("grey_matter", "white_matter") if n in names]
+
+    def brain_mask(sl):   # == sum(vol.channel(n) for n in (grey, white)) of the float volume
+        out = 0
+        for c in mask_ch:
+            out = out + np.divide(u8[sl + (slice(None),) * (3 - len(sl)) + (c,)], inv255,
+                                  dtype=np.float32)
+        return out
+
+    pose = _surface_pose(A, u8.shape[:3], brain_mask, direction=(0.55, -0.05, 0.83),
+                         lateral_hint=(0, 0, 1), standoff_mm=0.5, threshold=0.3, name="brain")
+    names_all = (INTENSITY, *names)
+    cut = [i for i, n in enumerate(names_all) if n in ("cortical_bone", "scalp")]
+    if cut:
+        sl, inside = _craniotomy_region(A, u8.shape[:3], pose.translation_mm, CRANIOTOMY_RADIUS_MM)
+        for i in cut:
+            u8[sl + (i,)][inside] = 0
+    return u8, affine, names, pose
+
+
+def _brain_from_cache(d: str, key: str):
+    import json
+
+    stem = os.path.join(d, f"brain-{key}")
+    with open(stem + ".json") as fh:
+        meta = json.load(fh)
+    u8 = np.load(stem + ".npy", mmap_mode="r")
+    if (u8.dtype != np.uint8 or list(u8.shape) != meta["shape"]
+            or len(meta["names"]) + 1 != u8.shape[3]):
+        raise ValueError("cache entry does not match its metadata")
+    return (u8, np.array(meta["affine"], dtype=np.float64), [str(n) for n in meta["names"]],
+            Pose.from_vector(meta["pose"]))
+
+
+def _brain_to_cache(d: str, key: str, u8, affine, names, pose) -> None:
+    """Write the cache entry atomically (temporary files, then rename; .npy last, so a reader
+    that finds the .npy also finds its .json); any failure only logs."""
+    import json
+    import tempfile
+
+    stem = os.path.join(d, f"brain-{key}")
+    tmp = []
+    try:
+        os.makedirs(d, exist_ok=True)
+        meta = {"version": BRAIN_CACHE_VERSION, "shape": list(u8.shape), "names": list(names),
+                "affine": np.asarray(affine, dtype=np.float64).tolist(),
+                "pose": [float(v) for v in pose.as_vector()]}
+        for ext, write in ((".json", lambda fh: fh.write(json.dumps(meta).encode())),
+                           (".npy", lambda fh: np.save(fh, np.ascontiguousarray(u8)))):
+            fd, t = tempfile.mkstemp(prefix=".brain-", suffix=ext + ".tmp", dir=d)
+            tmp.append(t)
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+            os.replace(t, stem + ext)
+            tmp.remove(t)
+        _prune_brain_cache(d, keep=BRAIN_CACHE_KEEP)
+    except Exception as e:  # noqa: BLE001 - a cache must never break loading
+        log.debug("brain cache not written to %s: %s: %s", d, type(e).__name__, e)
+        for t in tmp:
+            try:
+                os.remove(t)
+            except OSError:
+                pass
+
+
+def _prune_brain_cache(d: str, keep: int) -> None:
+    """Keep the ``keep`` most recently written brain entries (other code versions, e.g. a second
+    checkout, may share the directory); remove the older ones."""
+    entries = {}
+    for f in os.listdir(d):
+        if f.startswith("brain-") and f.endswith(".npy"):
+            try:
+                entries[f[:-4]] = os.path.getmtime(os.path.join(d, f))
+            except OSError:
+                pass
+    for stem in sorted(entries, key=entries.get, reverse=True)[keep:]:
+        for ext in (".npy", ".json"):
+            try:
+                os.remove(os.path.join(d, stem + ext))
+            except OSError:
+                pass
+
+
 @register_builtin("brain")
 def brain() -> Volume:
     """MNI ICBM152 2009a T1 + tissue fractions; default pose: right fronto-parietal craniotomy,
-    probe on the cortex looking inwards, coronal-ish image plane."""
+    probe on the cortex looking inwards, coronal-ish image plane.
+
+    The finished channels (uint8, craniotomy cut) and the default pose are cached in
+    :func:`cache_dir` (keyed by the asset, the building code and BRAIN_CACHE_VERSION), so later
+    processes skip the decompression and the pose search; without a usable cache directory the
+    brain is built from the asset every time (same result)."""
     if not os.path.exists(BRAIN_NPZ):
         raise FileNotFoundError(f"built-in brain asset missing: {BRAIN_NPZ!r} "
                                 "(regenerate with `python assets/make_brain_asset.py`)")
-    with np.load(BRAIN_NPZ) as z:
-        names = [str(n) for n in z["channel_names"]]
-        t1 = z["t1"]
-        chans = [t1.astype(np.float32) / 255.0] + [z[n].astype(np.float32) / 255.0 for n in names]
-        affine = z["affine"].astype(np.float64)
-    data = np.stack(chans, axis=-1)
-    vol = Volume(data, affine, (INTENSITY, *names), name="brain",
-                 default_pose=Pose.from_vector(np.zeros(6)),
-                 meta={"source": "MNI ICBM152 2009a symmetric (see assets/LICENSE_MNI152.txt)"})
-    brain_mask = sum(vol.channel(n) for n in ("grey_matter", "white_matter") if n in names)
-    vol.default_pose = surface_pose(vol, direction=(0.55, -0.05, 0.83), lateral_hint=(0, 0, 1),
-                                    content=brain_mask, standoff_mm=0.5, threshold=0.3)
-    cut_craniotomy(vol, vol.default_pose.translation_mm, CRANIOTOMY_RADIUS_MM)
-    return vol
+    d = cache_dir()
+    key = got = None
+    if d is not None:
+        try:
+            key = _brain_cache_key()
+            got = _brain_from_cache(d, key)
+        except Exception as e:  # noqa: BLE001 - missing or unreadable entry: build it
+            log.debug("brain cache miss in %s: %s: %s", d, type(e).__name__, e)
+    if got is None:
+        got = _brain_u8()
+        if key is not None:
+            _brain_to_cache(d, key, *got)
+    u8, affine, names, pose = got
+    data = np.empty(u8.shape, dtype=np.float32)
+    data[...] = u8
+    data /= np.float32(255.0)                 # == u8.astype(np.float32) / 255.0, bit for bit
+    del u8, got
+    return Volume(data, affine, (INTENSITY, *names), name="brain", default_pose=pose,
+                  meta={"source": "MNI ICBM152 2009a symmetric (see assets/LICENSE_MNI152.txt)"})
 
 
 CRANIOTOMY_RADIUS_MM = 30.0
+
+
+def _craniotomy_region(affine, shape, centre_mm, radius_mm: float):
+    """Box of voxels (tuple of slices) around ``centre_mm`` and the mask (box shape) of the
+    voxels within ``radius_mm`` of it."""
+    A = _check_affine(affine, "volume")
+    c = voxel_to_world(np.linalg.inv(A), np.asarray(centre_mm, dtype=np.float64))
+    r_vox = radius_mm / np.linalg.norm(A[:3, :3], axis=0)
+    lo = np.maximum(np.floor(c - r_vox).astype(int), 0)
+    hi = np.minimum(np.ceil(c + r_vox).astype(int) + 1, np.array(shape))
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    inside = np.linalg.norm(voxel_to_world(A, ijk) - np.asarray(centre_mm), axis=-1) < radius_mm
+    return sl, inside
 
 
 def cut_craniotomy(vol: Volume, centre_mm, radius_mm: float) -> None:
@@ -87,13 +278,7 @@ def cut_craniotomy(vol: Volume, centre_mm, radius_mm: float) -> None:
     idx = [i for i, n in enumerate(vol.channel_names) if n in ("cortical_bone", "scalp")]
     if not idx:
         return
-    c = vol.world_to_index(np.asarray(centre_mm, dtype=np.float64))
-    r_vox = radius_mm / vol.spacing_mm
-    lo = np.maximum(np.floor(c - r_vox).astype(int), 0)
-    hi = np.minimum(np.ceil(c + r_vox).astype(int) + 1, np.array(vol.shape))
-    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
-    inside = np.linalg.norm(vol.voxel_to_world(ijk) - np.asarray(centre_mm), axis=-1) < radius_mm
+    sl, inside = _craniotomy_region(vol.affine, vol.shape, centre_mm, radius_mm)
     for i in idx:
         vol.channels[sl + (i,)][inside] = 0.0
 

@@ -27,8 +27,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-mhz", type=float, help="centre frequency (MHz)")
     p.add_argument("--image-px", type=int, help="fan image size (pixels, square)")
     p.add_argument("--mapping", default="auto",
-                   help="MRI -> acoustics: auto, tissue (table + tissue fractions), transfer "
-                        "(piecewise-linear of intensity) or a mapping .json file")
+                   help="MRI -> acoustics: auto (tissue fractions if present, else t2 for T2 "
+                        "volumes, else t1), tissue (table + tissue fractions), t1 / transfer "
+                        "(piecewise-linear of T1 intensity), t2 (MLP from the T2 knot table) or "
+                        "a mapping .json file")
     p.add_argument("--echo-model", default="primary", choices=["primary", "layered", "reverb"],
                    help="echo physics [default: primary]")
     p.add_argument("--arch", default=None, choices=["auto", "cuda", "vulkan", "cpu"],
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .remind_compare import add_compare_parser; add_compare_parser(sub)  # noqa: E702
     from .sweep import add_sweep_parser; add_sweep_parser(sub)  # noqa: E702
     from .synthesis import add_synthesize_parser; add_synthesize_parser(sub)  # noqa: E702
+    from .bench import add_bench_parser; add_bench_parser(sub)  # noqa: E702
     return p
 
 

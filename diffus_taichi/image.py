@@ -121,46 +121,45 @@ def _axial_iq_grad(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q):
 
 @ti.kernel
 def _lateral_sum(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
-                 M: ti.template(), li: ti.template(), lq: ti.template()):
+                 M: ti.template(), n_lines: ti.i32, li: ti.template(), lq: ti.template()):
     for r, s in li:
-        R = li.shape[0]
+        lr = r % n_lines
         ai, aq = 0.0, 0.0
         for m in ti.static(range(-M, M + 1)):
-            j = r + m
-            if 0 <= j < R:
+            if 0 <= lr + m < n_lines:
                 w = lat_w[s, m + M]
-                ai += w * iq_i[j, s]
-                aq += w * iq_q[j, s]
+                ai += w * iq_i[r + m, s]
+                aq += w * iq_q[r + m, s]
         li[r, s] = ai
         lq[r, s] = aq
 
 
 @ti.kernel
 def _lateral_sum_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
-                     M: ti.template(), li: ti.template(), lq: ti.template()):
+                     M: ti.template(), n_lines: ti.i32, li: ti.template(), lq: ti.template()):
     """Transpose stencil as a gather: iq.grad[j, s] = sum_m w[s, m] l.grad[j - m, s]."""
     for j, s in li:
-        R = li.shape[0]
+        lj = j % n_lines
         gi, gq = 0.0, 0.0
         for m in ti.static(range(-M, M + 1)):
-            r = j - m
-            if 0 <= r < R:
+            if 0 <= lj - m < n_lines:
                 w = lat_w[s, m + M]
-                gi += w * li.grad[r, s]
-                gq += w * lq.grad[r, s]
+                gi += w * li.grad[j - m, s]
+                gq += w * lq.grad[j - m, s]
         iq_i.grad[j, s] += gi
         iq_q.grad[j, s] += gq
 
 
 @ti.ad.grad_replaced
-def lateral_sum(iq_i, iq_q, lat_w, M, li, lq):
-    """Coherent lateral beam sum across lines (weights lat_w[s, m], depth dependent)."""
-    _lateral_sum(iq_i, iq_q, lat_w, M, li, lq)
+def lateral_sum(iq_i, iq_q, lat_w, M, n_lines, li, lq):
+    """Coherent lateral beam sum across the lines of each frame (weights lat_w[s, m], depth
+    dependent; rays r = b n_lines + l)."""
+    _lateral_sum(iq_i, iq_q, lat_w, M, n_lines, li, lq)
 
 
 @ti.ad.grad_for(lateral_sum)
-def _lateral_sum_grad(iq_i, iq_q, lat_w, M, li, lq):
-    _lateral_sum_bwd(iq_i, iq_q, lat_w, M, li, lq)
+def _lateral_sum_grad(iq_i, iq_q, lat_w, M, n_lines, li, lq):
+    _lateral_sum_bwd(iq_i, iq_q, lat_w, M, n_lines, li, lq)
 
 
 @ti.kernel
@@ -173,15 +172,39 @@ def envelope(li: ti.template(), lq: ti.template(), env: ti.template()):
 def _tent_energy(v: np.ndarray, spacing_cells: float, n_off: int = 64) -> float:
     """E_f sum_c (sum_k v_k tent(f + k a - c))^2: energy of weights v (K,) at points spaced a
     (cells) after trilinear (tent) gathering from a unit lattice, averaged over offsets f."""
-    v = np.asarray(v, dtype=np.float64)
-    pos = np.arange(len(v)) * spacing_cells
-    tot = 0.0
-    for f in (np.arange(n_off) + 0.5) / n_off:
-        x = pos + f
-        c = np.arange(-1, int(np.ceil(x.max())) + 2)
-        w = np.clip(1.0 - np.abs(x[None, :] - c[:, None]), 0.0, None)   # (cells, K)
-        tot += np.sum((w @ v) ** 2)
-    return tot / n_off
+    return float(_tent_energies(np.asarray(v, dtype=np.float64)[None, :], [spacing_cells], n_off)[0])
+
+
+def _tent_energies(V: np.ndarray, spacing_cells, n_off: int = 64,
+                   max_bins: int = 1 << 20) -> np.ndarray:
+    """:func:`_tent_energy` of each row of V (D, K) with its own spacing (D,), vectorised over
+    rows and offsets f = (i + 0.5) / n_off: point k at x = k a + f reaches only the cells
+    floor(x) and floor(x) + 1 (weights 1 - |x - c|), so the gathered sums per cell are one
+    bincount (rows batched so that at most ``max_bins`` cells exist at a time)."""
+    V = np.asarray(V, dtype=np.float64)
+    D, K = V.shape
+    a = np.broadcast_to(np.asarray(spacing_cells, dtype=np.float64), (D,))
+    f = (np.arange(n_off) + 0.5) / n_off
+    out = np.empty(D)
+    ncell_all = (np.floor((K - 1) * a + f[-1]).astype(np.int64) + 2)   # cells 0 .. floor(x)+1
+    r = 0
+    while r < D:
+        n = 1
+        while r + n < D and (n + 1) * n_off * int(ncell_all[r:r + n + 1].max()) <= max_bins:
+            n += 1
+        ncell = int(ncell_all[r:r + n].max())
+        x = (np.arange(K)[None, None, :] * a[r:r + n, None, None]) + f[None, :, None]  # (n, F, K)
+        c0 = np.floor(x)
+        w0 = np.clip(1.0 - np.abs(x - c0), 0.0, None) * V[r:r + n, None, :]
+        w1 = np.clip(1.0 - np.abs(x - (c0 + 1.0)), 0.0, None) * V[r:r + n, None, :]
+        base = (np.arange(n * n_off, dtype=np.int64) * ncell).reshape(n, n_off, 1)
+        i0 = base + c0.astype(np.int64)
+        g = np.bincount(np.concatenate([i0.ravel(), i0.ravel() + 1]),
+                        weights=np.concatenate([w0.ravel(), w1.ravel()]),
+                        minlength=n * n_off * ncell).reshape(n, n_off, ncell)
+        out[r:r + n] = np.sum(g * g, axis=2).sum(axis=1) / n_off
+        r += n
+    return out
 
 
 def speckle_power_factor(taps_i, taps_q, lat_w, step_mm=None, cell_mm=None, elev_w=None,
@@ -208,7 +231,7 @@ def speckle_power_factor(taps_i, taps_q, lat_w, step_mm=None, cell_mm=None, elev
     sp = np.broadcast_to(np.asarray(line_spacing_mm, dtype=np.float64), (S,)) / cell_mm
     # the lateral factor changes slowly with depth: evaluate it on <= 64 depths, interpolate
     idx = np.unique(np.linspace(0, S - 1, min(S, 64)).astype(int))
-    lat = np.interp(np.arange(S), idx, [_tent_energy(lat_w[i], sp[i]) for i in idx])
+    lat = np.interp(np.arange(S), idx, _tent_energies(lat_w[idx], sp[idx]))
     return SCAT_AMP ** 2 * ax * lat * (2.0 / 3.0) * el
 
 

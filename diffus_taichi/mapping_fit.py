@@ -695,7 +695,11 @@ def fit_mapping(volume, pairs, probe=None, kind: str = "transfer", init=None, lo
         renderer.check_poses(pairs.poses)
         sim.upload_mapping(mapping0)
     if kind in ("transfer", "mlp"):
-        n_knots = len(mapping0.knots) if kind == "transfer" else len(T1_TRANSFER_KNOTS)
+        if kind == "transfer":
+            n_knots = len(mapping0.knots)
+        else:   # the knots the MLP started from (T1 default, or e.g. the T2 table)
+            k0 = getattr(mapping0.mlp, "init_knots", None)
+            n_knots = len(T1_TRANSFER_KNOTS if k0 is None else k0)
         support = knot_support(volume, probe, pairs.poses, n_knots,
                                line_stride=max(1, probe.n_lines // 64),
                                sample_stride=max(1, probe.n_samples // 128))

@@ -11,7 +11,7 @@ Outside the volume the background tissue (coupling water) is assumed.
 
 Scatterers (coherent speckle, :func:`scatterer_sum`): world space is cut into cubic cells of
 ``cell_mm`` (lattice shifted by LATTICE_SHIFT cells); each cell holds a scatterer at its lattice
-point with a complex amplitude A = a + ib (a, b zero-mean, near-Gaussian, E|A|^2 = 1), from an
+point with a complex amplitude A = a + ib (a, b zero-mean, independent, E|A|^2 = 1), from an
 integer hash of the cell index and the seed (no stored texture: the pattern is fixed in tissue and
 unbounded). Sample x on a ray with direction d gathers the 8 cells around it with trilinear weights,
 each rotated by its round-trip phase -2k (p - x).d (k = 2 pi / wavelength; the phase of A places
@@ -38,16 +38,20 @@ def fetch(vol: ti.template(), i, j, k, outside):
 
 
 @ti.func
-def trilinear(vol: ti.template(), p, outside):
-    """Trilinear value (C,) at voxel position p, and the index-space gradient (3,) of
-    channel 0."""
-    f0 = ti.floor(p)
-    i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
-    fx, fy, fz = p[0] - f0[0], p[1] - f0[1], p[2] - f0[2]
-    c000, c100 = fetch(vol, i, j, k, outside), fetch(vol, i + 1, j, k, outside)
-    c010, c110 = fetch(vol, i, j + 1, k, outside), fetch(vol, i + 1, j + 1, k, outside)
-    c001, c101 = fetch(vol, i, j, k + 1, outside), fetch(vol, i + 1, j, k + 1, outside)
-    c011, c111 = fetch(vol, i, j + 1, k + 1, outside), fetch(vol, i + 1, j + 1, k + 1, outside)
+def corners(vol: ti.template(), i, j, k, outside):
+    """The 8 voxels (i..i+1, j..j+1, k..k+1) of a vector field as a tuple ordered c000, c100,
+    c010, c110, c001, c101, c011, c111 (cabc = voxel (i + a, j + b, k + c)); ``outside`` beyond
+    the grid."""
+    return (fetch(vol, i, j, k, outside), fetch(vol, i + 1, j, k, outside),
+            fetch(vol, i, j + 1, k, outside), fetch(vol, i + 1, j + 1, k, outside),
+            fetch(vol, i, j, k + 1, outside), fetch(vol, i + 1, j, k + 1, outside),
+            fetch(vol, i, j + 1, k + 1, outside), fetch(vol, i + 1, j + 1, k + 1, outside))
+
+
+@ti.func
+def interp_corners(c000, c100, c010, c110, c001, c101, c011, c111, fx, fy, fz):
+    """Trilinear value (C,) inside a voxel cell with corners :func:`corners` at fractional
+    position (fx, fy, fz), and the index-space gradient (3,) of channel 0."""
     c00 = c000 + fx * (c100 - c000)
     c10 = c010 + fx * (c110 - c010)
     c01 = c001 + fx * (c101 - c001)
@@ -65,11 +69,25 @@ def trilinear(vol: ti.template(), p, outside):
 
 
 @ti.func
+def trilinear(vol: ti.template(), p, outside):
+    """Trilinear value (C,) at voxel position p, and the index-space gradient (3,) of
+    channel 0."""
+    f0 = ti.floor(p)
+    i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
+    c000, c100, c010, c110, c001, c101, c011, c111 = corners(vol, i, j, k, outside)
+    return interp_corners(c000, c100, c010, c110, c001, c101, c011, c111,
+                          p[0] - f0[0], p[1] - f0[1], p[2] - f0[2])
+
+
+@ti.func
 def hash_u32(i, j, k, seed):
     """Integer hash of a lattice point (murmur3 finaliser)."""
-    h = (ti.cast(i, ti.u32) * ti.u32(73856093)) ^ (ti.cast(j, ti.u32) * ti.u32(19349663)) \
-        ^ (ti.cast(k, ti.u32) * ti.u32(83492791)) ^ (ti.cast(seed, ti.u32) * ti.u32(2654435761))
+    h = (ti.cast(i, ti.u32) * ti.u32(HASH_MUL[0])) ^ (ti.cast(j, ti.u32) * ti.u32(HASH_MUL[1])) \
+        ^ (ti.cast(k, ti.u32) * ti.u32(HASH_MUL[2])) ^ (ti.cast(seed, ti.u32) * ti.u32(HASH_MUL[3]))
     return fmix_u32(h)
+
+
+HASH_MUL = (73856093, 19349663, 83492791, 2654435761)    # lattice hash multipliers (i, j, k, seed)
 
 
 # lattice origin shift (cells): keeps the lattice planes off the round world coordinates that test
@@ -105,12 +123,11 @@ def fmix_u32(h):
 
 
 @ti.func
-def _irwin_hall4(h):
-    """Zero-mean value of variance 1/2 from the four bytes of h: sum of four uniforms
-    (Irwin-Hall, excess kurtosis -0.3: close to Gaussian)."""
-    u = (ti.cast(h & ti.u32(0xFF), ti.i32) + ti.cast((h >> ti.u32(8)) & ti.u32(0xFF), ti.i32)
-         + ti.cast((h >> ti.u32(16)) & ti.u32(0xFF), ti.i32) + ti.cast(h >> ti.u32(24), ti.i32))
-    return (ti.cast(u, float) - 510.0) * (1.2247448713915890 / 256.0)
+def _byte_pair(h):
+    """Zero-mean value of variance 1/2 from the two low bytes of h: sum of two uniforms
+    (triangular; the sum over the ~10^2 scatterers of a resolution cell is Gaussian anyway)."""
+    u = ti.cast(h & ti.u32(0xFF), ti.i32) + ti.cast((h >> ti.u32(8)) & ti.u32(0xFF), ti.i32)
+    return (ti.cast(u, float) - 255.0) * (1.7320508075688772 / 256.0)
 
 
 _COS_POLY_AT_HALF_PI = -4.6476600834566284e-07   # value of the degree-10 cos polynomial at pi/2
@@ -150,20 +167,28 @@ def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
     """Complex sum (I, Q) of the tissue-fixed scatterers of the 8 lattice cells around world x
     (mm) seen along unit direction d: sum_j w_j A_j exp(-i 2k (c_j - x).d), w_j the trilinear
     weights of x, c_j the cell's lattice point, A_j = a_j + i b_j its hashed complex amplitude
-    (a, b zero-mean, near-Gaussian, E|A|^2 = 1; its phase places the scatterer at a random
+    (a, b zero-mean, independent, E|A|^2 = 1; its phase places the scatterer at a random
     sub-wavelength depth along the beam). k2h = 2k * cell_mm (rad); P = cell_phasors(d, k2h)."""
     q = x * inv_cell_mm + ti.Vector(LATTICE_SHIFT)
     f0 = ti.floor(q)
     i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
     f = q - f0
     bc, bs = fast_cos_sin(k2h * f.dot(d))
+    # hash_u32 of the 8 cells with the per-axis products formed once (wrap-around arithmetic:
+    # (i + 1) A = i A + A), then a = bytes 0-1, b = bytes 2-3 of the one hash per cell
+    hx0 = ti.cast(i, ti.u32) * ti.u32(HASH_MUL[0])
+    hy0 = ti.cast(j, ti.u32) * ti.u32(HASH_MUL[1])
+    hz0 = ti.cast(k, ti.u32) * ti.u32(HASH_MUL[2])
+    hs = ti.cast(seed, ti.u32) * ti.u32(HASH_MUL[3])
+    hx = (hx0, hx0 + ti.u32(HASH_MUL[0]))
+    hy = (hy0, hy0 + ti.u32(HASH_MUL[1]))
+    hz = (hz0 ^ hs, (hz0 + ti.u32(HASH_MUL[2])) ^ hs)
     ai, aq = 0.0, 0.0
     for a, b, c in ti.static(ti.ndrange(2, 2, 2)):
         w = (f[0] if a else 1.0 - f[0]) * (f[1] if b else 1.0 - f[1]) * (f[2] if c else 1.0 - f[2])
-        h = hash_u32(i + a, j + b, k + c, seed)
-        h2 = fmix_u32(h ^ ti.u32(0x9E3779B9))
-        sa = w * _irwin_hall4(h)      # near-Gaussian (sum of 4 uniforms), variance 1/2
-        sb = w * _irwin_hall4(h2)
+        h = fmix_u32(hx[a] ^ hy[b] ^ hz[c])           # = hash_u32(i + a, j + b, k + c, seed)
+        sa = w * _byte_pair(h)                       # variance 1/2 each
+        sb = w * _byte_pair(h >> ti.u32(16))
         n = ti.static(4 * a + 2 * b + c)
         if ti.static(n == 0):
             ai += sa
@@ -177,12 +202,13 @@ def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
 
 @ti.kernel
 def elevation_axes(ro: ti.template(), rd: ti.template(), w2v: ti.template(), ey: ti.template(),
-                   eyv: ti.template()):
+                   eyv: ti.template(), n_lines: ti.i32):
     """Unit elevation axis of each ray (world, (rays,) vec3) and the same vector in voxel
-    index units: the normal of the image plane spanned by the ray and its neighbours."""
+    index units: the normal of the image plane spanned by the ray and its neighbours in the
+    same frame (rays r = b n_lines + l)."""
     for r in ey:
-        R = ey.shape[0]
-        r1, r2 = ti.max(r - 1, 0), ti.min(r + 1, R - 1)
+        first = r - r % n_lines
+        r1, r2 = ti.max(r - 1, first), ti.min(r + 1, first + n_lines - 1)
         t = (ro[r2] - ro[r1]) + (rd[r2] - rd[r1])     # lateral, in the image plane
         e = rd[r].cross(t)
         e = e / ti.sqrt(e.dot(e) + 1e-30)
@@ -225,7 +251,7 @@ def acoustic_volume(vol: ti.template(), table: ti.template(), chan_tissue: ti.te
 @ti.kernel
 def march(props: ti.template(), outside: ti.template(), vo: ti.template(), vd: ti.template(),
           ro: ti.template(), rd: ti.template(), ey: ti.template(), eyv: ti.template(),
-          gradT: ti.template(), step_mm: float, inv_cell_mm: float, k2h: float, seed: ti.i32,
+          gradT: ti.template(), step_mm: float, inv_cell_mm: float, k2h: float, seeds: ti.template(),
           elev_off: ti.template(), elev_w: ti.template(),
           n_elev: ti.template(), noise_on: ti.template(),
           z: ti.template(), alpha: ti.template(), scat: ti.template(), scat_q: ti.template(),
@@ -239,27 +265,45 @@ def march(props: ti.template(), outside: ti.template(), vo: ti.template(), vd: t
     """
     for r in range(z.shape[0]):          # rays in parallel, samples serial: the backward pass
         for s in range(z.shape[1]):      # accumulates ro/rd.grad[r] without contention
+            # (P per sample: hoisted out of the sample loop, the backward pass needs an adstack
+            # for it and crashes with SIGBUS)
             P = cell_phasors(rd[r], k2h)
             d_mm = s * step_mm
             pv = vo[r] + d_mm * vd[r]
             prop, gidx = trilinear(props, pv, outside[None])
-            g = gradT[None] @ gidx                                      # dZ / d world mm
-            cosw[r, s] = ti.abs(g.dot(rd[r])) / ti.sqrt(g.dot(g) + 1e-12)
+            cosw[r, s] = incidence_cos(gradT[None] @ gidx, rd[r])
             z[r, s] = prop[0]
             alpha[r, s] = prop[1]
             if ti.static(noise_on):
-                x = ro[r] + d_mm * rd[r]
-                ci, cq = 0.0, 0.0
-                for e in ti.static(range(n_elev)):
-                    strength = prop[2]
-                    off = elev_off[s, e]
-                    if ti.static(n_elev > 1):
-                        strength = trilinear_value(props, pv + off * eyv[r], outside[None])[2]
-                    a, b = scatterer_sum(P, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
-                    ci += elev_w[s, e] * strength * a
-                    cq += elev_w[s, e] * strength * b
-                scat[r, s] = ci
-                scat_q[r, s] = cq
+                scat[r, s], scat_q[r, s] = speckle_sample(
+                    props, outside, P, prop[2], pv, ro[r] + d_mm * rd[r], r, s, rd, ey, eyv,
+                    inv_cell_mm, k2h, seeds[r // (z.shape[0] // seeds.shape[0])], elev_off, elev_w,
+                    n_elev)
             else:   # scattering strength only (expected-intensity image formation)
                 scat[r, s] = prop[2]
                 scat_q[r, s] = 0.0
+
+
+@ti.func
+def incidence_cos(g, d):
+    """|cos| of the angle between direction d and the gradient g (world mm)."""
+    return ti.abs(g.dot(d)) / ti.sqrt(g.dot(g) + 1e-12)
+
+
+@ti.func
+def speckle_sample(props: ti.template(), outside: ti.template(), P, strength, pv, x, r, s,
+                   rd: ti.template(), ey: ti.template(), eyv: ti.template(), inv_cell_mm, k2h,
+                   seed, elev_off: ti.template(), elev_w: ti.template(), n_elev: ti.template()):
+    """Complex scatterer signal (I, Q) of sample s of ray r at voxel position pv / world x (mm):
+    sum over the n_elev elevation planes of elev_w x the plane's scattering strength x
+    :func:`scatterer_sum` (``strength``: that of the central plane)."""
+    ci, cq = 0.0, 0.0
+    for e in ti.static(range(n_elev)):
+        st = strength
+        off = elev_off[s, e]
+        if ti.static(n_elev > 1):
+            st = trilinear_value(props, pv + off * eyv[r], outside[None])[2]
+        a, b = scatterer_sum(P, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
+        ci += elev_w[s, e] * st * a
+        cq += elev_w[s, e] * st * b
+    return ci, cq

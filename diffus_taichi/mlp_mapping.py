@@ -15,7 +15,9 @@ Network: ``features (F,) -> [tanh(W h + b)] x len(hidden) -> o (3,)`` and
 Parameters are one flat vector (layer by layer: W (out, in) row-major, then b (out,)), held in
 a Taichi field so ``ti.ad.Tape`` gives d loss / d weights. A new MLP starts close to the default
 T1 transfer function (:func:`init_weights`), so it renders like the ``transfer`` mapping before
-any training.
+any training; ``MLPParams(init_knots=K, init_knot_weight=w)`` starts it at any other knot table
+instead, monotone or not (the default T2 mapping, :func:`~diffus_taichi.acoustics.t2_mapping`,
+uses this with :data:`~diffus_taichi.acoustics.T2_MLP_KNOTS`).
 """
 
 import math
@@ -40,13 +42,21 @@ def _softplus_inv(y):
 
 @dataclass
 class MLPParams:
-    """Weights of the MLP mapping. ``weights``: flat (P,) float64 vector (see module doc)."""
+    """Weights of the MLP mapping. ``weights``: flat (P,) float64 vector (see module doc).
+
+    Without ``weights`` they are initialised by :func:`init_weights` to reproduce
+    ``init_knots`` ((K, 3) [MRayl, dB/cm/MHz, scattering] at K uniform intensities on [0, 1];
+    default: the T1 transfer knots), with extra least-squares weight ``init_knot_weight`` on
+    the knots themselves (0: the plain fit of the piecewise-linear curve). Both are only used
+    for that (``init_knots`` is reset to None; files keep only features, hidden and weights).
+    """
 
     features: tuple = ("intensity",)
     hidden: tuple = (16,)
     weights: np.ndarray | None = None
     seed: int = 0
     init_knots: np.ndarray | None = field(default=None, repr=False)
+    init_knot_weight: float = field(default=0.0, repr=False)
 
     def __post_init__(self):
         self.features = tuple(self.features)
@@ -57,7 +67,7 @@ class MLPParams:
         if not self.hidden or len(self.hidden) > 3 or any(h < 1 or h > 64 for h in self.hidden):
             raise ValueError(f"MLP hidden layer sizes must be 1-3 layers of 1..64 units, got {self.hidden}")
         if self.weights is None:
-            self.weights = init_weights(self, self.init_knots)
+            self.weights = init_weights(self, self.init_knots, knot_weight=self.init_knot_weight)
         w = np.asarray(self.weights, dtype=np.float64).ravel()
         if w.shape != (self.n_params,):
             raise ValueError(f"MLP with features {self.features} and hidden {self.hidden} needs "
@@ -119,16 +129,26 @@ class MLPParams:
             raise ValueError(f"MLP mapping: missing key {e} (need features, hidden, weights)") from None
 
 
-def init_weights(p: MLPParams, knots=None, n_fit: int = 257, ridge: float = 1e-4) -> np.ndarray:
-    """Deterministic start that reproduces the piecewise-linear transfer function ``knots``
-    (default: the T1 knots) on flat tissue (local mean = intensity, gradient 0): first-layer
-    units are soft steps tanh(2H (I - c_u)) with centres c_u spread over [0, 1] (I = mean of the
-    intensity features; small random weights on the gradient feature), deeper layers small
-    random (near-linear), output layer by ridge least squares (small weights, so f32 sums of
-    W h do not cancel)."""
-    from .acoustics import T1_TRANSFER_KNOTS
+def init_weights(p: MLPParams, knots=None, n_fit: int = 257, ridge: float = 1e-4,
+                 knot_weight: float = 0.0) -> np.ndarray:
+    """Deterministic start that reproduces the piecewise-linear curve through ``knots`` ((K, 3)
+    [MRayl, dB/cm/MHz, scattering] at K uniform intensities on [0, 1]; default: the T1 transfer
+    knots; any shape, monotone or not) on flat tissue (local mean = intensity, gradient 0):
+    first-layer units are soft steps tanh(2H (I - c_u)) with centres c_u spread over [0, 1]
+    (I = mean of the intensity features; small random weights on the gradient feature), deeper
+    layers small random (near-linear), output layer by ridge least squares on ``n_fit``
+    intensities (small weights, so f32 sums of W h do not cancel).
 
-    knots = np.asarray(T1_TRANSFER_KNOTS if knots is None else knots, np.float64)
+    ``knot_weight`` > 0 adds the K knot intensities to the fit with that many times the weight of
+    one fit point, so a curve with sharp turns (the T2 curve) is matched at its knots (where the
+    tissue values are) rather than smoothed through them; 0 gives the plain fit (the default T1
+    start, unchanged)."""
+    from .acoustics import T1_TRANSFER_KNOTS, check_knots
+
+    knots = check_knots(T1_TRANSFER_KNOTS if knots is None else knots, "MLP init")
+    knot_weight = float(knot_weight)
+    if not math.isfinite(knot_weight) or knot_weight < 0:
+        raise ValueError(f"MLP init: knot_weight must be a finite number >= 0, got {knot_weight!r}")
     rng = np.random.default_rng(p.seed)
     w = np.zeros(p.n_params)
     L = p.layers(w)
@@ -142,16 +162,22 @@ def init_weights(p: MLPParams, knots=None, n_fit: int = 257, ridge: float = 1e-4
     for W, b in L[1:-1]:
         W[:] = rng.normal(0.0, 0.5 / math.sqrt(W.shape[1]), W.shape)
         b[:] = rng.normal(0.0, 0.1, b.shape)
+    K = len(knots)
+    tk = np.linspace(0.0, 1.0, K)
     t = np.linspace(0.0, 1.0, n_fit)
+    sw = np.ones(n_fit)
+    if knot_weight > 0:
+        t = np.r_[t, tk]
+        sw = np.r_[sw, np.full(K, knot_weight)]
     h = flat_features(p, t)
     for W, b in L[:-1]:
         h = np.tanh(h @ W.T + b)
-    K = len(knots)
-    target = np.stack([np.interp(t, np.linspace(0, 1, K), knots[:, c]) for c in range(3)], -1)
+    target = np.stack([np.interp(t, tk, knots[:, c]) for c in range(3)], -1)
     o = np.stack([np.log(target[:, 0] / Z_REF), _softplus_inv(target[:, 1]),
                   _softplus_inv(target[:, 2])], -1)
     A = np.c_[h, np.ones(len(t))]
-    sol = np.linalg.solve(A.T @ A + ridge * len(t) * np.eye(A.shape[1]), A.T @ o)
+    Aw = A * sw[:, None] if knot_weight > 0 else A     # (A.T @ A exactly as before for 0)
+    sol = np.linalg.solve(A.T @ Aw + ridge * n_fit * np.eye(A.shape[1]), Aw.T @ o)
     W, b = L[-1]
     W[:] = sol[:-1].T
     b[:] = sol[-1]

@@ -193,10 +193,16 @@ class Probe:
         return li, depth / self.sample_spacing_mm
 
     def scan_grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per fan pixel: fractional line (H, W), fractional sample (H, W), inside mask (H, W)."""
+        """Per fan pixel: fractional line (H, W), fractional sample (H, W), inside mask (H, W).
+        (Evaluated on the broadcast row/column axes: the same element-wise arithmetic as on a
+        meshgrid, without the (H, W) coordinate arrays.)"""
         x, z = self.fan_axes_mm()
-        X, Z = np.meshgrid(x, z)
-        li, si = self.probe_to_line_coords(X, Z)
+        li, si = self.probe_to_line_coords(x[None, :], z[:, None])
+        shape = (len(z), len(x))
+        if li.shape != shape:
+            li = np.broadcast_to(li, shape).copy()
+        if si.shape != shape:
+            si = np.broadcast_to(si, shape).copy()
         inside = (li >= 0) & (li <= self.n_lines - 1) & (si >= 0) & (si <= self.n_samples - 1)
         return li, si, inside
 

@@ -20,19 +20,22 @@ def rodrigues(w):
 def make_rays(pose: ti.template(), line_o: ti.template(), line_d: ti.template(),
               w2v: ti.template(), ro: ti.template(), rd: ti.template(),
               vo: ti.template(), vd: ti.template()):
-    """pose (6,) [t mm, rotvec rad]; line_o/line_d (R,) probe-frame vec3; w2v () 4x4 world->voxel.
-    Writes ro/rd (world mm, unit) and vo/vd (voxel index, voxels per mm)."""
-    for r in line_o:
-        w = ti.Vector([pose[3], pose[4], pose[5]])
-        t = ti.Vector([pose[0], pose[1], pose[2]])
+    """pose (B, 6) [t mm, rotvec rad] per frame; line_o/line_d (R,) probe-frame vec3; w2v () 4x4
+    world->voxel. Writes, for ray r = b R + l (line l of frame b), ro/rd (B R,) (world mm, unit)
+    and vo/vd (voxel index, voxels per mm)."""
+    for r in ro:
+        R_ = line_o.shape[0]
+        b, l = r // R_, r % R_
+        w = ti.Vector([pose[b, 3], pose[b, 4], pose[b, 5]])
+        t = ti.Vector([pose[b, 0], pose[b, 1], pose[b, 2]])
         R = rodrigues(w)
-        o = R @ line_o[r] + t
-        d = R @ line_d[r]
+        o = R @ line_o[l] + t
+        d = R @ line_d[l]
         ro[r] = o
         rd[r] = d
         A = w2v[None]
         M = ti.Matrix([[A[0, 0], A[0, 1], A[0, 2]], [A[1, 0], A[1, 1], A[1, 2]],
                        [A[2, 0], A[2, 1], A[2, 2]]])
-        b = ti.Vector([A[0, 3], A[1, 3], A[2, 3]])
-        vo[r] = M @ o + b
+        b_ = ti.Vector([A[0, 3], A[1, 3], A[2, 3]])
+        vo[r] = M @ o + b_
         vd[r] = M @ d

@@ -560,7 +560,8 @@ class PoseSearch:
         pts = [np.asarray(x, dtype=np.float64) for x in starts]
         n_new = max(0, self.sample_points - len(pts))
         pts += [rng.uniform(-1, 1, 6) * spread for _ in range(n_new)]
-        losses = [loss_at(x) for x in pts]
+        loss_many = getattr(loss_at, "many", None) or (lambda xs: [loss_at(x) for x in xs])
+        losses = list(loss_many(pts))
         n_elite = max(4, self.sample_points // 8)
         for _ in range(self.sample_rounds - 1):
             order = np.argsort(losses)[:n_elite]
@@ -568,7 +569,7 @@ class PoseSearch:
             mu, sd = elite.mean(0), np.maximum(elite.std(0), 0.05 * spread)
             new = [mu + sd * rng.standard_normal(6) for _ in range(self.sample_points)]
             pts += new
-            losses += [loss_at(x) for x in new]
+            losses += list(loss_many(new))
         order = list(np.argsort(losses))
         chosen = [pts[0]]
         min_sep = 0.1 * spread
@@ -651,6 +652,12 @@ class PoseSearch:
                         loss = self.sims[0].loss(frame.pose(x))
                         bar.update(1, loss=loss)
                         return loss
+
+                    def loss_many(xs):     # renders 16 poses per launch
+                        ls = self.sims[0].loss_batch([frame.pose(x) for x in xs], batch=16)
+                        bar.update(len(ls), loss=float(ls.min()))
+                        return ls
+                    loss_at.many = loss_many
                     starts, n_sample = self.sample_starts(loss_at, starts, n_starts, start_mm,
                                                           start_deg, rng)
                 if self.optimizer == "adam":

@@ -5,6 +5,11 @@ formation -> scan conversion, with every stage held in preallocated Taichi field
     fan = sim.render()                  # (H, W) float32 in [0, 1], default pose
     fan = sim.render(Pose.parse("10,0,5,0,0,0"))
     st = sim.stages()                   # dict of every intermediate stage as numpy
+    sims = Simulator("brain", batch=16)  # 16 poses per launch
+    fans = sims.render_batch(poses)     # (16, H, W)
+
+Rendering without a gradient runs the fused forward kernels (:mod:`diffus_taichi.fused`);
+under ``ti.ad.Tape`` (value_and_grad, vjp) the staged kernels, one field per stage.
 """
 from __future__ import annotations
 
@@ -76,22 +81,30 @@ class Simulator:
             fastest), ``True`` (pose and acoustic mapping parameters) or ``False``.
         share_volume_with: another Simulator on the same volume whose volume, mapping and
             acoustic-property fields are reused (e.g. several probe resolutions, no extra memory).
+        batch: frames rendered per launch (B poses at once, :meth:`render_batch`); every per-ray
+            field then holds B x n_lines rays and the fan is (B, H, W). Gradients need batch=1.
         **settings: fields of :class:`ImagingSettings`.
     """
 
     def __init__(self, volume="brain", probe="craniotomy", mapping="auto", echo_model="primary",
                  arch=None, precision="f32", requires_grad=False, share_volume_with=None,
-                 **settings):
+                 batch=1, **settings):
         t0 = time.perf_counter()
         if requires_grad not in (False, True, "pose"):
             raise ValueError(f"requires_grad must be False, True or 'pose', got {requires_grad!r}")
         if echo_model not in ECHO_MODELS:
             raise ValueError(f"echo_model must be one of {', '.join(ECHO_MODELS)}, got {echo_model!r}")
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 1 <= batch <= 4096:
+            raise ValueError(f"batch must be an integer in 1..4096 (frames per launch), got {batch!r}")
+        if batch > 1 and requires_grad:
+            raise ValueError("batch > 1 renders only (no gradients); use batch=1 with requires_grad")
+        self.batch = int(batch)
         self._shared = share_volume_with
         if share_volume_with is not None:
             other = share_volume_with
-            if (other.precision, other.requires_grad is True) != (precision, requires_grad is True):
-                raise ValueError("share_volume_with: precision and mapping-gradient mode must match")
+            if other.precision != precision or (requires_grad is True and other.requires_grad is not True):
+                raise ValueError("share_volume_with: precision must match, and mapping gradients "
+                                 "(requires_grad=True) need a Simulator built with them")
             volume, mapping = other.volume, other.mapping
         self.volume: Volume = load_volume(volume)
         self.probe: Probe = probe if isinstance(probe, Probe) else get_probe(probe)
@@ -116,11 +129,12 @@ class Simulator:
         real, g = self.real, bool(self.requires_grad)
         gm = self.requires_grad is True          # gradients w.r.t. the mapping too
         v, p = self.volume, self.probe
-        NR, NS = p.n_lines, p.n_samples
+        NR, NS = p.n_lines * self.batch, p.n_samples      # rays of all B frames, stacked
         H, W = p.image_px
-        self.pose = ti.field(real, shape=6, needs_grad=g)
-        self.line_o = ti.Vector.field(3, real, shape=NR)
-        self.line_d = ti.Vector.field(3, real, shape=NR)
+        self.pose = ti.field(real, shape=(self.batch, 6), needs_grad=g)
+        self.seeds = ti.field(ti.i32, shape=self.batch)      # scatterer realisation per frame
+        self.line_o = ti.Vector.field(3, real, shape=p.n_lines)
+        self.line_d = ti.Vector.field(3, real, shape=p.n_lines)
         self.ro, self.rd, self.vo, self.vd = (ti.Vector.field(3, real, shape=NR, needs_grad=g)
                                               for _ in range(4))
         rows, chan, self.table_names = self.mapping.table_arrays(v)
@@ -142,19 +156,11 @@ class Simulator:
             self.props = ti.Vector.field(3, real, shape=v.shape, needs_grad=gm)
             self.outside = ti.Vector.field(3, real, shape=())
 
-        def f2(grad=g):
-            return ti.field(real, shape=(NR, NS), needs_grad=grad)
-
-        self.z, self.alpha, self.scat, self.cosw = f2(), f2(), f2(), f2()
-        self.logt, self.att2, self.cum, self.echo, self.gain = f2(), f2(), f2(), f2(), f2()
-        self.rf, self.iq_i, self.iq_q, self.env, self.bmode = f2(), f2(), f2(), f2(), f2()
-        self.lat_i, self.lat_q = f2(), f2()
-        if self.echo_model == "layered":
-            self.cumatt, self.ret, self.tr2 = f2(), f2(), f2()
-            self.sR, self.sRp, self.sP = f2(False), f2(False), f2(False)
-        if self.echo_model == "reverb":
-            self.trace = f2()
-            self.reverb_scratch = echo.ReverbScratch(NR, NS, real, grad=g)   # checkpoints if g
+        # fields of the fused forward path; the staged path's own fields come with
+        # _alloc_staged (at construction when gradients or another echo model need them, else on
+        # the first staged render): a batch of B frames then costs 4 floats per sample, not ~24
+        self.iq_i, self.iq_q, self.env, self.bmode = (ti.field(real, shape=(NR, NS), needs_grad=g)
+                                                      for _ in range(4))
         ti_, tq = image.axial_taps(p)
         self.K = (len(ti_) - 1) // 2
         self.taps_i = ti.field(real, shape=len(ti_))
@@ -163,12 +169,37 @@ class Simulator:
         self.M = (lw.shape[1] - 1) // 2
         self.lat_w = ti.field(real, shape=lw.shape)
         self._taps = (ti_, tq, lw)
-        self.env_mean = f2()              # used by speckle='mean' only
         self._speckle_c = image.speckle_power_factor(*self._taps)
         self.sc_base = ti.Vector.field(2, ti.i32, shape=(H, W))
         self.sc_frac = ti.Vector.field(2, real, shape=(H, W))
-        self.fan = ti.field(real, shape=(H, W), needs_grad=g)
+        self.fan = ti.field(real, shape=(H, W) if self.batch == 1 else (self.batch, H, W), needs_grad=g)
         self._alloc_imaging()
+        self._staged = False
+        if self.requires_grad or self.echo_model != "primary":
+            self._alloc_staged()
+
+    def _alloc_staged(self):
+        """Per-stage fields of the staged (differentiable) path, (B n_lines, n_samples) each."""
+        if self._staged:
+            return
+        real, g = self.real, bool(self.requires_grad)
+        NR, NS = self.probe.n_lines * self.batch, self.probe.n_samples
+
+        def f2(grad=g):
+            return ti.field(real, shape=(NR, NS), needs_grad=grad)
+
+        self.z, self.alpha, self.scat, self.cosw = f2(), f2(), f2(), f2()
+        self.logt, self.att2, self.cum, self.echo, self.gain = f2(), f2(), f2(), f2(), f2()
+        self.rf, self.lat_i, self.lat_q = f2(), f2(), f2()
+        self.scat_q, self.rf_q = f2(), f2()
+        self.env_mean = f2()              # used by speckle='mean' only
+        if self.echo_model == "layered":
+            self.cumatt, self.ret, self.tr2 = f2(), f2(), f2()
+            self.sR, self.sRp, self.sP = f2(False), f2(False), f2(False)
+        if self.echo_model == "reverb":
+            self.trace = f2()
+            self.reverb_scratch = echo.ReverbScratch(NR, NS, real, grad=g)   # checkpoints if g
+        self._staged = True
 
     def _upload_static(self):
         f = self._np_real
@@ -229,13 +260,34 @@ class Simulator:
 
     # --- rendering ----------------------------------------------------------------------------
     def set_pose(self, pose: Pose | None = None):
-        pose = self.volume.default_pose if pose is None else pose
-        if not isinstance(pose, Pose):
-            pose = Pose.from_vector(pose)
-        self.last_pose = pose
-        self.pose.from_numpy(pose.as_vector().astype(self._np_real))
-        self._check_coverage(pose)
-        return pose
+        """Pose of the next :meth:`forward` (every frame of a batch gets it)."""
+        return self.set_poses([pose] * self.batch)[0]
+
+    def set_poses(self, poses, seeds=None) -> list:
+        """Poses of the B frames of the next :meth:`forward`: a list of B :class:`Pose` /
+        6-vectors [mm, rad] / None (default pose), or an array (B, 6); ``seeds`` (B,) scatterer
+        realisation per frame (default: ``settings.seed`` for all)."""
+        if isinstance(poses, np.ndarray) and poses.ndim == 2:
+            poses = [Pose.from_vector(v) for v in poses]
+        poses = list(poses)
+        if len(poses) != self.batch:
+            raise ValueError(f"expected {self.batch} poses (Simulator batch), got {len(poses)}")
+        seeds = np.full(self.batch, int(self.settings.seed)) if seeds is None else np.asarray(seeds)
+        if seeds.shape != (self.batch,) or not np.issubdtype(seeds.dtype, np.integer):
+            raise ValueError(f"seeds must be {self.batch} integers, got {seeds!r}")
+        self.seeds.from_numpy((seeds.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32))
+        out = [self.volume.default_pose if p is None else p if isinstance(p, Pose)
+               else Pose.from_vector(p) for p in poses]
+        self.pose.from_numpy(np.stack([p.as_vector() for p in out]).astype(self._np_real))
+        cov = {}
+        for q in out:
+            if id(q) not in cov:
+                self._check_coverage(q)
+                cov[id(q)] = self.coverage
+        self.coverages = [cov[id(q)] for q in out]     # per frame
+        self.last_pose = out[-1]
+        self.last_poses = out
+        return out
 
     def _check_coverage(self, pose: Pose):
         """Warn when no part of the fan lies inside the volume (the image is then empty)."""
@@ -244,22 +296,58 @@ class Simulator:
         depths = np.linspace(0, self.probe.depth_mm, 65)
         pts = o[sel, None, :] + depths[None, :, None] * d[sel, None, :]
         inside = self.volume.contains_world(pose.probe_to_world(pts.reshape(-1, 3)))
-        self.coverage = float(inside.mean())
+        self.coverage = float(inside.mean())     # fraction of the fan inside the volume
         if not inside.any():
             log.warning("probe pose %s: the fan lies entirely outside volume %r; the image is empty",
                         pose.to_string(), self.volume.name)
 
     def forward(self):
-        """Run every kernel for the pose already in ``self.pose`` (Tape-compatible; the
-        acoustic-property volume is computed by :meth:`update_acoustics`, outside the per-frame
-        path)."""
-        p, s = self.probe, self.settings
+        """Render the pose(s) already in ``self.pose`` into ``self.fan`` (the acoustic-property
+        volume is computed by :meth:`update_acoustics`, outside the per-frame path).
+
+        Outside a ``ti.ad.Tape`` the ``primary`` model runs the fused forward-only kernels
+        (:mod:`diffus_taichi.fused`: 5 launches, no intermediate fields); inside a Tape, or
+        for the other echo models, the staged differentiable kernels (:meth:`forward_staged`)."""
+        if self.echo_model == "primary" and ti.lang.impl.get_runtime().target_tape is None:
+            self.forward_fused()
+        else:
+            self.forward_staged()
+
+    def _rays(self):
         rays.make_rays(self.pose, self.line_o, self.line_d, self.w2v, self.ro, self.rd, self.vo, self.vd)
+        if self.speckle_mode == "coherent":
+            march.elevation_axes(self.ro, self.rd, self.w2v, self.ey, self.eyv, self.probe.n_lines)
+
+    def forward_fused(self):
+        """Forward-only render (primary model), same result as :meth:`forward_staged` up to
+        f32 rounding; fills only ``self.fan`` (and the rays)."""
+        if self.echo_model != "primary":
+            raise ValueError("the fused forward path implements the 'primary' echo model only")
+        from . import fused
+
+        p, s = self.probe, self.settings
+        self._rays()
+        mode = self.speckle_mode
+        np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
+        fused.march_echo_iq(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey,
+                            self.eyv, self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
+                            self._k2h(), self.seeds, self.elev_off, self.elev_w, self._n_elev,
+                            fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
+                            self.iq_i, self.iq_q, self.env)
+        tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
+        fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
+                                   mode == "mean", self.env, self._speckle_c, s.gain_db, tgc,
+                                   s.dynamic_range_db, self.bmode)
+        scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
+
+    def forward_staged(self):
+        """Every stage in its own field (Tape-compatible; :meth:`stages` reads them)."""
+        self._alloc_staged()
+        p, s = self.probe, self.settings
+        self._rays()
         coherent = self.speckle_mode == "coherent"
-        if coherent:
-            march.elevation_axes(self.ro, self.rd, self.w2v, self.ey, self.eyv)
         march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
-                    self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), int(s.seed),
+                    self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,
                     self.elev_off, self.elev_w, self._n_elev, coherent,
                     self.z, self.alpha, self.scat, self.scat_q, self.cosw)
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
@@ -279,7 +367,7 @@ class Simulator:
         image.form_rf(spec, self.gain, scat, self.scat_q, self.rf, self.rf_q)
         image.axial_iq(self.rf, self.rf_q, self.taps_i, self.taps_q, self.K, coherent,
                        self.iq_i, self.iq_q)
-        image.lateral_sum(self.iq_i, self.iq_q, self.lat_w, self.M, self.lat_i, self.lat_q)
+        image.lateral_sum(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines, self.lat_i, self.lat_q)
         image.envelope(self.lat_i, self.lat_q, self.env)
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         env = self.env
@@ -294,8 +382,7 @@ class Simulator:
         elevation planes; called at the end of :meth:`_alloc`."""
         real, g = self.real, bool(self.requires_grad)
         p, st = self.probe, self.settings
-        NR, NS = p.n_lines, p.n_samples
-        self.scat_q, self.rf_q = (ti.field(real, shape=(NR, NS), needs_grad=g) for _ in range(2))
+        NR, NS = p.n_lines * self.batch, p.n_samples
         self.ey, self.eyv = (ti.Vector.field(3, real, shape=NR, needs_grad=g) for _ in range(2))
         self._n_elev = int(st.elevation_planes)
         off, w = image.elevation_planes(p, self._n_elev)
@@ -327,7 +414,7 @@ class Simulator:
 
     def _zero_scat(self):
         if not hasattr(self, "_zeros"):
-            self._zeros = ti.field(self.real, shape=(self.probe.n_lines, self.probe.n_samples))
+            self._zeros = ti.field(self.real, shape=self.z.shape)
         return self._zeros
 
     def render(self, pose: Pose | None = None) -> np.ndarray:
@@ -337,8 +424,75 @@ class Simulator:
         self.forward()
         return self.fan.to_numpy()
 
+    def render_batch(self, poses, seeds=None) -> np.ndarray:
+        """Fan images (B, H, W) float32 in [0, 1] of B poses (B = the Simulator's ``batch``;
+        list of Pose or array (B, 6) [mm, rad]), rendered in one launch per stage; ``seeds``
+        (B,) optional scatterer realisation per frame."""
+        self.set_poses(poses, seeds)
+        self.forward()
+        fan = self.fan.to_numpy()
+        return fan[None] if self.batch == 1 else fan
+
+    def pose_jacobian(self, pose: Pose | None = None, step_mm: float = 0.05,
+                      step_rad: float = 1e-3) -> np.ndarray:
+        """Jacobian (H, W, 6) of the fan image w.r.t. the pose vector [tx, ty, tz (mm), wx, wy,
+        wz (rad)] at ``pose``, by central differences (steps ``step_mm`` / ``step_rad``): the 12
+        displaced poses render as one batch (a batch-12 Simulator sharing this one's volume,
+        built on first use). Same scatterer seed as :meth:`render`."""
+        if not (step_mm > 0 and step_rad > 0):
+            raise ValueError(f"steps must be > 0, got step_mm={step_mm}, step_rad={step_rad}")
+        pose = self.volume.default_pose if pose is None else pose
+        v = (pose if isinstance(pose, Pose) else Pose.from_vector(pose)).as_vector()
+        jac = self.batch_sibling(12)
+        h = np.array([step_mm] * 3 + [step_rad] * 3)
+        d = np.concatenate([np.diag(h), -np.diag(h)])            # (12, 6): +h_i then -h_i
+        fans = jac.render_batch(v[None, :] + d).astype(np.float64)
+        return np.moveaxis((fans[:6] - fans[6:]) / (2.0 * h[:, None, None]), 0, -1)
+
+    def batch_sibling(self, batch: int) -> "Simulator":
+        """A Simulator with ``batch`` frames per launch sharing this one's volume, mapping and
+        acoustic-property fields (no extra volume memory) and imaging settings; built on first
+        use, rebuilt when the settings change."""
+        from dataclasses import asdict
+
+        sibs = self.__dict__.setdefault("_siblings", {})
+        sib = sibs.get(batch)
+        if sib is None or asdict(sib.settings) != asdict(self.settings):
+            sib = sibs[batch] = Simulator(self.volume, probe=self.probe, mapping=self.mapping,
+                                          echo_model=self.echo_model, arch=self.arch,
+                                          precision=self.precision, batch=batch,
+                                          share_volume_with=self, **asdict(self.settings))
+        return sib
+
+    def loss_batch(self, poses, batch: int = 16) -> np.ndarray:
+        """Losses (n,) against the target of :meth:`set_loss` at n poses (no gradient), the
+        renders ``batch`` at a time (:meth:`batch_sibling`); equal to :meth:`loss` pose by pose."""
+        if not hasattr(self, "loss_fn"):
+            raise RuntimeError("no target: call set_loss(target, ...) first")
+        poses = list(poses)
+        if not poses:
+            return np.zeros(0)
+        bs = self.batch_sibling(max(1, min(int(batch), len(poses))))
+        out = []
+        for b0 in range(0, len(poses), bs.batch):
+            chunk = poses[b0:b0 + bs.batch]
+            bs.set_poses(chunk + [chunk[-1]] * (bs.batch - len(chunk)))
+            bs.forward()
+            for b in range(len(chunk)):
+                if bs.batch == 1:
+                    scan.copy_field(bs.fan, self.fan)
+                else:
+                    scan.copy_frame(bs.fan, b, self.fan)
+                self.loss_fn.reset()
+                self.loss_fn.compute(self._image_for_loss())
+                out.append(float(self.loss_fn.value[None]))
+        self.last_pose = bs.last_pose
+        return np.array(out)
+
     def stages(self) -> dict:
-        """Every stage of the last render as numpy arrays (lines x samples unless noted)."""
+        """Every stage of the last render as numpy arrays (lines x samples unless noted; the
+        last pose(s) are re-rendered through the staged kernels)."""
+        self.forward_staged()
         out = {
             "ray_origin_mm": self.ro.to_numpy(), "ray_direction": self.rd.to_numpy(),
             "impedance_MRayl": self.z.to_numpy() + echo.Z_REF, "attenuation_dB_cm_MHz": self.alpha.to_numpy(),
@@ -470,7 +624,7 @@ class Simulator:
         return self._grads(wrt)
 
     def _grads(self, wrt) -> dict:
-        out = {"pose": self.pose.grad.to_numpy().astype(np.float64)}
+        out = {"pose": self.pose.grad.to_numpy().astype(np.float64).reshape(6)}
         if "mapping" in wrt:
             out["table"] = self.table.grad.to_numpy().astype(np.float64)
             if self.mapping.kind == "transfer":

@@ -49,7 +49,7 @@ class Volume:
         if len(self.channel_names) != self.channels.shape[3]:
             raise ValueError(f"volume {self.name!r}: {self.channels.shape[3]} channels but "
                              f"{len(self.channel_names)} channel names")
-        if not np.all(np.isfinite(self.channels)):
+        if not _all_finite(self.channels):
             raise ValueError(f"volume {self.name!r}: channels contain NaN or Inf")
         self.affine = _check_affine(self.affine, self.name)
         if self.default_pose is None:
@@ -75,13 +75,10 @@ class Volume:
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
     def voxel_to_world(self, ijk) -> np.ndarray:
-        ijk = np.asarray(ijk, dtype=np.float64)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return voxel_to_world(self.affine, ijk)
 
     def world_to_index(self, xyz) -> np.ndarray:
-        xyz = np.asarray(xyz, dtype=np.float64)
-        A = self.world_to_voxel
-        return xyz @ A[:3, :3].T + A[:3, 3]
+        return voxel_to_world(self.world_to_voxel, xyz)
 
     @property
     def centre_mm(self) -> np.ndarray:
@@ -126,6 +123,13 @@ class Volume:
         return cls(data[..., None], affine, (INTENSITY,), name=name, **kw)
 
 
+def voxel_to_world(affine, ijk) -> np.ndarray:
+    """Points (..., 3) mapped by the 4x4 ``affine`` (voxel -> world, or with the inverse
+    affine world -> fractional voxel index)."""
+    ijk = np.asarray(ijk, dtype=np.float64)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
 def _check_shape(shape, name) -> None:
     if len(shape) != 3:
         raise ValueError(f"volume {name!r}: expected 3-D data, got {len(shape)}-D shape {tuple(shape)}")
@@ -154,7 +158,41 @@ def _check_affine(affine, name) -> np.ndarray:
     return A
 
 
-def _check_array(data: np.ndarray, name: str) -> np.ndarray:
+CHUNK_VOXELS = 1 << 20        # element block of the chunked passes (4 MB float32, 8 MB float64)
+
+
+def _blocks(n: int, size: int = CHUNK_VOXELS):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def _flat_view(a: np.ndarray) -> np.ndarray | None:
+    """1-D view of a C- or F-contiguous array in memory order (None if there is none)."""
+    if a.flags.c_contiguous:
+        return a.reshape(-1)
+    if a.flags.f_contiguous:
+        return a.T.reshape(-1)
+    return None
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """np.all(np.isfinite(a)) without a full-size boolean temporary: min and max of each block
+    are finite iff the block holds no NaN/Inf (both propagate through min/max)."""
+    flat = _flat_view(a)
+    if flat is None or flat.dtype.kind != "f":
+        return bool(np.all(np.isfinite(a)))
+    for b in _blocks(flat.size):
+        c = flat[b]
+        if not (np.isfinite(c.min()) and np.isfinite(c.max())):
+            return False
+    return True
+
+
+def _check_array(data: np.ndarray, name: str, owned: bool = False) -> np.ndarray:
+    """Validate a 3-D (or X, Y, Z, 1) real array; float32 (a copy only when the input is not
+    float32). NaN/Inf voxels are replaced by the minimum finite value: in place (blockwise, no
+    full-size temporaries) when the float32 array is our own (a conversion copy, or ``owned``),
+    else in a copy (the caller's array is never modified)."""
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim == 4:
@@ -165,31 +203,137 @@ def _check_array(data: np.ndarray, name: str) -> np.ndarray:
     _check_shape(data.shape, name)
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise ValueError(f"volume {name!r}: data type {data.dtype} is not a real number type")
+    owned = owned or data.dtype != np.float32
     data = data.astype(np.float32, copy=False)
-    bad = ~np.isfinite(data)
-    if bad.all():
+    if _all_finite(data):
+        return data
+    return _replace_nonfinite(data, name, owned)
+
+
+def _replace_nonfinite(data: np.ndarray, name: str, inplace: bool) -> np.ndarray:
+    """Replace NaN/Inf voxels by the minimum finite value (in ``data`` itself if ``inplace`` and
+    it is a writeable contiguous array, else in a copy)."""
+    flat = _flat_view(data)
+    if flat is None or not inplace or not data.flags.writeable:
+        data = np.array(data, order="C")
+        flat = data.reshape(-1)
+    lo, n_bad = None, 0
+    for b in _blocks(flat.size):
+        c = flat[b]
+        ok = np.isfinite(c)
+        n_bad += int(ok.size - np.count_nonzero(ok))
+        if ok.any():
+            m = c[ok].min()
+            lo = m if lo is None or m < lo else lo
+    if lo is None:
         raise ValueError(f"volume {name!r} contains only NaN/Inf values")
-    if bad.any():
-        log.warning("volume %r: %d NaN/Inf voxels replaced by the minimum", name, int(bad.sum()))
-        data = np.where(bad, np.nanmin(np.where(bad, np.nan, data)), data)
+    log.warning("volume %r: %d NaN/Inf voxels replaced by the minimum", name, n_bad)
+    for b in _blocks(flat.size):
+        c = flat[b]
+        c[~np.isfinite(c)] = lo
     return data
 
 
-def normalise_intensity(data: np.ndarray, name: str = "volume", lo_pct=0.5, hi_pct=99.5):
-    """Map intensities to [0, 1] with robust percentiles (computed on a subsample)."""
-    flat = data.reshape(-1)
-    sub = flat[:: max(1, flat.size // 2_000_000)]
+def _c_order_subsample(data: np.ndarray, step: int) -> np.ndarray:
+    """data.reshape(-1)[::step] (C order) without copying the whole array."""
+    if data.flags.c_contiguous:
+        return data.reshape(-1)[::step]
+    n = data.size
+    out = np.empty((n + step - 1) // step, dtype=data.dtype)
+    per = max(1, CHUNK_VOXELS // 4)
+    for i in range(0, out.size, per):
+        j = min(out.size, i + per)
+        out[i:j] = data[np.unravel_index(np.arange(i, j, dtype=np.int64) * step, data.shape)]
+    return out
+
+
+def normalise_intensity(data: np.ndarray, name: str = "volume", lo_pct=0.5, hi_pct=99.5,
+                        out: np.ndarray | None = None):
+    """Map intensities to [0, 1] with robust percentiles (computed on a subsample: every
+    ``size // 2e6``-th voxel in C order). Returns a new float32 array, or writes into ``out``
+    (a float32 array of the same shape and memory layout; ``out=data`` normalises in place).
+    The values are exactly float32(clip((x - lo) / (hi - lo), 0, 1)) evaluated in float64, done
+    block by block so that no full-size float64 temporaries exist."""
+    data = np.asarray(data)
+    size = data.size
+    sub = _c_order_subsample(data, max(1, size // 2_000_000))
     lo, hi = np.percentile(sub, [lo_pct, hi_pct])
+    del sub
     if hi <= lo:
-        lo, hi = float(flat.min()), float(flat.max())
+        lo, hi = float(data.min()), float(data.max())
+    if _flat_view(data) is None:                      # strided view: one contiguous copy
+        data = np.ascontiguousarray(data)
+    order = "C" if data.flags.c_contiguous else "F"
+    src = data.reshape(-1) if order == "C" else data.T.reshape(-1)
+    if out is None:
+        out = np.empty(data.shape, dtype=np.float32, order=order)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != data.shape
+            or not out.flags[f"{order}_CONTIGUOUS"] or not out.flags.writeable):
+        raise ValueError("normalise_intensity: out must be a writeable float32 array of the "
+                         "input's shape and memory layout")
+    dst = out.reshape(-1) if order == "C" else out.T.reshape(-1)
     if hi <= lo:
         log.warning("volume %r is constant (%g): intensity mapped to 0", name, lo)
-        return np.zeros_like(data, dtype=np.float32)
-    return np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        dst[:] = 0.0
+        return out
+    span = hi - lo
+    for b in _blocks(size):
+        t = np.subtract(src[b], lo)          # float64 (or float32 with the min/max fallback)
+        np.divide(t, span, out=t)
+        np.clip(t, 0.0, 1.0, out=t)
+        dst[b] = t
+    return out
+
+
+def _read_nifti_float32(img, path: str) -> np.ndarray:
+    """The voxel data of ``img`` (loaded from ``path``) as a new C-order float32 (X, Y, Z)
+    array, read slab by slab straight from the file (scaling applied per slab by nibabel
+    itself), so that no other full-size copy exists: the same values as
+    ``np.asarray(img.dataobj, dtype=np.float32)``. A gzip file is decompressed once, to its end,
+    which also checks its CRC and length (nibabel never reads the gzip trailer)."""
+    import gzip
+
+    from nibabel.arrayproxy import ArrayProxy
+    from nibabel.openers import ImageOpener
+
+    proxy = img.dataobj
+    shape = tuple(int(s) for s in proxy.shape)
+    fname = getattr(proxy, "file_like", None)
+    crc_checked = False
+    if (type(proxy) is ArrayProxy and isinstance(fname, str) and len(shape) in (3, 4)
+            and proxy.order == "F"):
+        X, Y, Z = shape[:3]
+        tail = (0,) if len(shape) == 4 else ()
+        data = np.empty((X, Y, Z), dtype=np.float32)
+        with ImageOpener(fname, "rb") as fh:
+            prox = ArrayProxy(fh, (proxy.shape, proxy.dtype, proxy.offset, proxy.slope,
+                                   proxy.inter), mmap=False, order="F")
+            per = max(1, CHUNK_VOXELS // (X * Y))      # slabs of z planes: contiguous in the file
+            for k in range(0, Z, per):
+                sl = np.s_[:, :, k:min(Z, k + per)]
+                data[sl] = prox[sl + tail]
+            if isinstance(fh.fobj, gzip.GzipFile):
+                while fh.read(1 << 24):                 # gzip checks the CRC at the end
+                    pass
+                crc_checked = fname == path
+    else:                                               # other layouts: nibabel's full read
+        data = np.asarray(proxy, dtype=np.float32)
+        if data.ndim == 4:
+            data = data[..., 0]
+        data = np.ascontiguousarray(data)
+    if path.endswith(".gz") and not crc_checked:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    return data
 
 
 def load_nifti(path: str, name: str | None = None) -> Volume:
-    """Load a 3-D NIfTI (.nii / .nii.gz) as an intensity volume, keeping its affine."""
+    """Load a 3-D NIfTI (.nii / .nii.gz) as an intensity volume, keeping its affine.
+
+    Memory: the voxel data is read slab by slab into one float32 array that is then validated,
+    normalised and used as the volume's channel in place (peak about the float32 volume plus a
+    few MB)."""
     import nibabel as nib
 
     name = name or os.path.basename(path)
@@ -211,23 +355,14 @@ def load_nifti(path: str, name: str | None = None) -> Volume:
     if len(shape) not in (3, 4):
         raise ValueError(f"volume {name!r}: expected 3-D data, got {len(shape)}-D shape {shape}")
     _check_shape(shape[:3], name)
-    if path.endswith(".gz"):   # nibabel never reads the gzip trailer: check the CRC ourselves
-        import gzip
-        import zlib
-        try:
-            with gzip.open(path, "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"cannot read the voxel data of {path!r} (corrupt or truncated "
-                             f"file?): {type(e).__name__}: {e}") from None
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = _read_nifti_float32(img, path)
     except Exception as e:
         raise ValueError(f"cannot read the voxel data of {path!r} (corrupt or truncated file?): "
                          f"{type(e).__name__}: {e}") from None
-    data = _check_array(data, name)
-    vol = Volume.from_array(data, affine=img.affine, name=name)
+    data = _check_array(data, name, owned=True)
+    normalise_intensity(data, name, out=data)
+    vol = Volume(data[..., None], img.affine, (INTENSITY,), name=name)
     vol.meta["path"] = os.path.abspath(path)
     return vol
 
@@ -267,13 +402,45 @@ def load_volume(spec: "str | Volume | None" = None) -> Volume:
 
 def default_pose_for(vol: Volume) -> Pose:
     """A probe on the top (+z world) surface of the non-background content, looking down (-z),
-    lateral along +x: a generic craniotomy-like pose."""
-    content = vol.display_channel() if vol.intensity_index is not None else vol.channels.sum(-1)
-    mask = content > 0.2 * float(content.max() or 1.0)
-    if not mask.any():
+    lateral along +x: a generic craniotomy-like pose.
+
+    Content: the intensity channel (or the sum of the channels); the voxels above 20 % of its
+    maximum, every n-th in C order (at most ~200000 of them), give the centre and the top.
+    Computed slab by slab (1-bit masks kept in between): no full-size temporaries."""
+    ch = vol.channels
+    ii = vol.intensity_index
+    X = ch.shape[0]
+    plane = int(np.prod(ch.shape[1:3]))
+    per = max(1, CHUNK_VOXELS // plane)
+    slabs = [(a, min(X, a + per)) for a in range(0, X, per)]
+
+    def content(a, b):
+        return ch[a:b, ..., ii] if ii is not None else ch[a:b].sum(-1)
+
+    if ii is not None:
+        cmax = ch[..., ii].max()
+    else:
+        cmax = max(content(a, b).max() for a, b in slabs)
+    thr = 0.2 * float(cmax or 1.0)
+    packed, counts = [], []
+    for a, b in slabs:
+        m = content(a, b) > thr
+        counts.append(int(np.count_nonzero(m)))
+        packed.append(np.packbits(m.reshape(-1)))
+    total = sum(counts)
+    if total == 0:
         return Pose.look_at(vol.centre_mm, (0, 0, -1), (1, 0, 0))
-    idx = np.argwhere(mask)
-    world = vol.voxel_to_world(idx[:: max(1, len(idx) // 200000)])
+    step = max(1, total // 200000)
+    parts, rank = [], 0                 # rank: number of content voxels before this slab
+    for (a, b), pk, n in zip(slabs, packed, counts):
+        if n:
+            nz = np.flatnonzero(np.unpackbits(pk, count=(b - a) * plane))
+            sel = nz[(-rank) % step::step]
+            i, j, k = np.unravel_index(sel, (b - a,) + ch.shape[1:3])
+            parts.append(np.stack([i + a, j, k], axis=1))
+        rank += n
+    idx = np.concatenate(parts)         # == np.argwhere(content > thr)[::step]
+    world = vol.voxel_to_world(idx)
     c = world.mean(0)
     near = world[np.linalg.norm(world[:, :2] - c[:2], axis=1) < 5.0]
     top = (near if len(near) else world)[:, 2].max()

@@ -1,0 +1,149 @@
+"""Fused forward-only render path (no gradients) for the ``primary`` echo model.
+
+The staged, differentiable path runs one kernel per stage and keeps every stage in its own field
+(march.march -> echo.step_terms -> exclusive_cumsum -> primary_combine -> image.form_rf ->
+axial_iq -> lateral_sum -> envelope -> log_compress), as the Tape needs. Rendering without a
+gradient needs none of those intermediates, so here
+
+1. :func:`march_echo_iq` (rays in parallel, samples serial) samples the acoustic-property volume
+   (the 8 voxel corners are fetched once per voxel the ray enters, not once per sample), runs the
+   primary echo recursion (round-trip transmission carried in a register), forms the complex RF
+   and applies the axial Gabor pulse with a (2K+1)-sample shift register, writing only the
+   axial I/Q (rays, samples);
+2. :func:`lateral_envelope_log` (per sample) sums the lateral beam across lines of the same
+   frame, takes the envelope (plus the expected diffuse intensity for ``speckle='mean'``) and
+   log-compresses it to the B-mode lines (rays, samples) in [0, 1].
+
+The arithmetic is the staged path's, term by term (same ti.funcs, same order), so the two agree
+to the last few f32 ulps; ``tests/test_render.py`` checks it. Rays of a batch of B frames are
+stacked: ray r belongs to frame r // n_lines.
+"""
+
+import taichi as ti
+
+from .image import DB_PER_NEPER
+from .march import cell_phasors, corners, incidence_cos, interp_corners, speckle_sample
+from .echo import refl
+
+SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}
+
+
+@ti.func
+def _shift_in(buf, v, K: ti.template()):
+    """Shift register of 2K+1 values: drop buf[0], append v."""
+    out = buf
+    for m in ti.static(range(2 * K)):
+        out[m] = buf[m + 1]
+    out[2 * K] = v
+    return out
+
+
+@ti.func
+def _pulse(bi, bq, taps_i: ti.template(), taps_q: ti.template(), K: ti.template(),
+           cplx: ti.template()):
+    """Axial complex pulse at the centre of the register (bi, bq) = rf[s0 - K .. s0 + K]:
+    sum_k taps[k] (rf + i rf_q)[s0 - k], as image._axial_iq."""
+    ai, aq = 0.0, 0.0
+    for k in ti.static(range(-K, K + 1)):
+        m = ti.static(K - k)
+        ai += taps_i[k + K] * bi[m]
+        aq += taps_q[k + K] * bi[m]
+        if ti.static(cplx):
+            ai -= taps_q[k + K] * bq[m]
+            aq += taps_i[k + K] * bq[m]
+    return ai, aq
+
+
+@ti.kernel
+def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(),
+                  vd: ti.template(), ro: ti.template(), rd: ti.template(), ey: ti.template(),
+                  eyv: ti.template(), gradT: ti.template(), step_mm: float, inv_cell_mm: float,
+                  k2h: float, seeds: ti.template(), elev_off: ti.template(), elev_w: ti.template(),
+                  n_elev: ti.template(), mode: ti.template(), np_per_dbcm_step: float,
+                  taps_i: ti.template(), taps_q: ti.template(), K: ti.template(),
+                  iq_i: ti.template(), iq_q: ti.template(), incoh: ti.template()):
+    """Axial I/Q (rays, samples) of the primary model from the rays (vo, vd, ro, rd, ey, eyv as
+    march.march). mode (static): 0 coherent scatterers, 1 'mean' (writes incoh = two-way gain x
+    scattering strength for the expected diffuse intensity), 2 'off'. np_per_dbcm_step: nepers
+    per (dB/cm/MHz) over one sample step."""
+    for r in range(iq_i.shape[0]):
+        S, S_rays = iq_i.shape[1], iq_i.shape[0]
+        P = cell_phasors(rd[r], k2h)
+        ci = ti.Vector([-(1 << 30), 0, 0])           # voxel whose corners are cached
+        zero = ti.Vector.zero(float, 3)
+        c000, c100, c010, c110, c001, c101, c011, c111 = zero, zero, zero, zero, zero, zero, zero, zero
+        z_p, a_p, cos_p, si_p, sq_p, st_p = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0   # previous sample
+        cum = 0.0                                    # log two-way transmission down to it
+        bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
+        bq = ti.Vector.zero(float, 2 * K + 1)
+        for s in range(S + 1 + K):
+            if s <= S:
+                rf, rfq = 0.0, 0.0
+                cw, si, sq = 0.0, 0.0, 0.0
+                prop = zero
+                if s < S:
+                    d_mm = s * step_mm
+                    pv = vo[r] + d_mm * vd[r]
+                    f0 = ti.floor(pv)
+                    I = ti.Vector([ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32),
+                                   ti.cast(f0[2], ti.i32)])
+                    if I[0] != ci[0] or I[1] != ci[1] or I[2] != ci[2]:
+                        c000, c100, c010, c110, c001, c101, c011, c111 = corners(
+                            props, I[0], I[1], I[2], outside[None])
+                        ci = I
+                    prop, gidx = interp_corners(c000, c100, c010, c110, c001, c101, c011, c111,
+                                                pv[0] - f0[0], pv[1] - f0[1], pv[2] - f0[2])
+                    cw = incidence_cos(gradT[None] @ gidx, rd[r])
+                    if ti.static(mode == 0):
+                        si, sq = speckle_sample(props, outside, P, prop[2], pv,
+                                                ro[r] + d_mm * rd[r], r, s, rd, ey, eyv,
+                                                inv_cell_mm, k2h, seeds[r // (S_rays // seeds.shape[0])],
+                                                elev_off, elev_w, n_elev)
+                if s > 0:                            # sample s - 1 is complete: its RF
+                    g = ti.exp(cum)
+                    e = 0.0
+                    if s < S:
+                        rc = refl(z_p, prop[0])
+                        e = ti.max(cos_p, cw) * rc * g
+                        cum += ti.log(ti.max(1.0 - rc * rc, 1e-30)) - 2.0 * (a_p * np_per_dbcm_step)
+                    rf = e
+                    if ti.static(mode == 0):
+                        rf = e + g * si_p
+                        rfq = g * sq_p
+                    if ti.static(mode == 1):
+                        incoh[r, s - 1] = g * st_p
+                    bi = _shift_in(bi, rf, K)
+                    bq = _shift_in(bq, rfq, K)
+                z_p, a_p, cos_p, si_p, sq_p, st_p = prop[0], prop[1], cw, si, sq, prop[2]
+            else:                                    # past the line: zeros flush the register
+                bi = _shift_in(bi, 0.0, K)
+                bq = _shift_in(bq, 0.0, K)
+            s0 = s - 1 - K                           # register holds rf[s0 - K .. s0 + K]
+            if s0 >= 0:
+                iq_i[r, s0], iq_q[r, s0] = _pulse(bi, bq, taps_i, taps_q, K, ti.static(mode == 0))
+
+
+@ti.kernel
+def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
+                         M: ti.template(), n_lines: ti.i32, mean: ti.template(),
+                         incoh: ti.template(), c: ti.template(), gain_db: float,
+                         tgc_db_per_sample: float, dynamic_range_db: float, bmode: ti.template()):
+    """B-mode lines (rays, samples) in [0, 1]: lateral beam sum over the lines of the same frame
+    (weights lat_w[s, m]), envelope |I + iQ| (with ``mean``: sqrt(env^2 + c[s] incoh^2)), then
+    clip((20 log10 env + gain + TGC s + DR) / DR, 0, 1), as image.lateral_sum .. log_compress."""
+    for r, s in bmode:
+        lr = r % n_lines
+        base = r - lr
+        ai, aq = 0.0, 0.0
+        for m in ti.static(range(-M, M + 1)):
+            j = lr + m
+            if 0 <= j < n_lines:
+                w = lat_w[s, m + M]
+                ai += w * iq_i[base + j, s]
+                aq += w * iq_q[base + j, s]
+        env = ti.sqrt(ai * ai + aq * aq + 1e-24)
+        if ti.static(mean):
+            d = incoh[r, s]
+            env = ti.sqrt(env * env + c[s] * d * d)
+        db = DB_PER_NEPER * ti.log(env) + gain_db + tgc_db_per_sample * s
+        bmode[r, s] = ti.min(ti.max((db + dynamic_range_db) / dynamic_range_db, 0.0), 1.0)

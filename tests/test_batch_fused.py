@@ -1,0 +1,156 @@
+"""The fused forward-only path and batched rendering give the staged, differentiable path's
+images: fused == staged (every speckle mode, elevation planes, probe kinds), a batch of B poses ==
+B single renders (fused and staged), no leakage between the frames of a batch, clear errors."""
+import numpy as np
+import pytest
+import taichi as ti
+
+from diffus_taichi import Pose, get_probe
+from diffus_taichi.simulator import Simulator
+
+
+def _poses(sim, n, seed=0):
+    rng = np.random.default_rng(seed)
+    v0 = sim.volume.default_pose.as_vector()
+    return [Pose.from_vector(v0 + np.concatenate([rng.uniform(-3, 3, 3), rng.uniform(-0.08, 0.08, 3)]))
+            for _ in range(n)]
+
+
+def _probe(kind="craniotomy"):
+    return get_probe(kind, n_lines=48, n_samples=160, image_px=(80, 72))
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(speckle="mean"), dict(speckle=False),
+                                      dict(elevation_planes=3), dict(kind="linear")],
+                         ids=["coherent", "mean", "off", "elev3", "linear"])
+def test_fused_equals_staged_f64(cpu64, settings):
+    settings = dict(settings)
+    sim = Simulator("brain", probe=_probe(settings.pop("kind", "craniotomy")), arch="cpu",
+                    precision="f64", **settings)
+    for P in _poses(sim, 2):
+        sim.set_pose(P)
+        sim.forward_fused()
+        a = sim.fan.to_numpy()
+        sim.forward_staged()
+        b = sim.fan.to_numpy()
+        assert a.std() > 0.05 or settings.get("speckle") is False
+        assert (a > 0).mean() > 0.02                # something was rendered
+        np.testing.assert_allclose(a, b, atol=1e-11, rtol=0)
+
+
+def test_fused_equals_staged_f32_every_backend(arch):
+    sim = Simulator("brain", probe=_probe(), arch=arch)
+    for P in _poses(sim, 2, seed=1):
+        sim.set_pose(P)
+        sim.forward_fused()
+        a = sim.fan.to_numpy()
+        sim.forward_staged()
+        b = sim.fan.to_numpy()
+        assert np.abs(a - b).max() < 2e-5, (arch, np.abs(a - b).max())
+
+
+def test_render_uses_fused_outside_tape_and_staged_inside(cpu64):
+    """render() (fused) and value_and_grad (staged, under the Tape) see the same image."""
+    sim = Simulator("brain", probe=_probe(), arch="cpu", precision="f64", requires_grad="pose")
+    P = _poses(sim, 1, seed=2)[0]
+    img = sim.render(P)
+    sim.set_loss(img, "mse", mask=None)
+    loss, g = sim.value_and_grad(P)
+    assert loss < 1e-20                              # the Tape's staged render == render()
+    assert g["pose"].shape == (6,)
+
+
+@pytest.mark.parametrize("path", ["fused", "staged"])
+def test_batch_equals_single_renders(arch, path):
+    B = 3
+    single = Simulator("brain", probe=_probe(), arch=arch)
+    batched = Simulator("brain", probe=_probe(), arch=arch, batch=B, share_volume_with=single)
+    poses = _poses(single, B, seed=3)
+    ref = np.stack([single.render(P) for P in poses])
+    batched.set_poses(poses)
+    getattr(batched, "forward_" + path)()
+    out = batched.fan.to_numpy()
+    assert out.shape == (B,) + tuple(_probe().image_px)
+    for b in range(B):   # frames differ from each other, and each equals its single render
+        assert np.abs(out[b] - out[(b + 1) % B]).mean() > 0.02
+        assert np.abs(out[b] - ref[b]).max() < 2e-5, (arch, path, b, np.abs(out[b] - ref[b]).max())
+    # render_batch also takes an array (B, 6)
+    out2 = batched.render_batch(np.stack([P.as_vector() for P in poses]))
+    np.testing.assert_array_equal(out2, batched.fan.to_numpy())
+
+
+def test_batch_of_identical_poses_has_identical_frames(cpu32):
+    """No leakage across frames: the lateral beam and elevation axes stop at frame edges."""
+    sim = Simulator("brain", probe=_probe(), arch="cpu", batch=4)
+    P = _poses(sim, 1, seed=4)[0]
+    out = sim.render_batch([P] * 4)
+    for b in range(1, 4):
+        np.testing.assert_array_equal(out[b], out[0])
+    sim.forward_staged()
+    st = sim.fan.to_numpy()
+    np.testing.assert_allclose(st, out, atol=2e-5, rtol=0)
+
+
+def test_batch_errors(cpu32):
+    with pytest.raises(ValueError, match="batch"):
+        Simulator("brain", probe=_probe(), arch="cpu", batch=0)
+    with pytest.raises(ValueError, match="batch"):
+        Simulator("brain", probe=_probe(), arch="cpu", batch=2.5)
+    with pytest.raises(ValueError, match="gradients"):
+        Simulator("brain", probe=_probe(), arch="cpu", batch=2, requires_grad="pose")
+    sim = Simulator("brain", probe=_probe(), arch="cpu", batch=2)
+    with pytest.raises(ValueError, match="expected 2 poses"):
+        sim.render_batch([None])
+    with pytest.raises(ValueError, match="NaN|Inf"):
+        sim.render_batch(np.full((2, 6), np.nan))
+    layered = Simulator("brain", probe=_probe(), arch="cpu", echo_model="layered")
+    with pytest.raises(ValueError, match="primary"):
+        layered.forward_fused()
+    ti.sync()
+
+
+def test_pose_jacobian_matches_reverse_mode(cpu64):
+    """w . J (12 displaced poses rendered as one batch, central differences) equals the
+    reverse-mode vector-Jacobian product d(sum w * fan)/d pose (speckle 'mean': smooth)."""
+    sim = Simulator("brain", probe=_probe(), arch="cpu", precision="f64", requires_grad="pose",
+                    speckle="mean")
+    P = _poses(sim, 1, seed=5)[0]
+    J = sim.pose_jacobian(P, step_mm=1e-4, step_rad=1e-6)
+    assert J.shape == tuple(_probe().image_px) + (6,)
+    assert np.all(np.abs(J).reshape(-1, 6).max(0) > 1e-3)     # every parameter moves the image
+    w = np.random.default_rng(0).standard_normal(J.shape[:2])
+    g = sim.vjp(P, w)["pose"]
+    np.testing.assert_allclose(np.tensordot(w, J, 2), g, rtol=2e-3, atol=2e-3 * np.abs(g).max())
+    with pytest.raises(ValueError, match="steps"):
+        sim.pose_jacobian(P, step_mm=0.0)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(elevation_planes=3), dict(speckle="mean")],
+                         ids=["coherent", "elev3", "mean"])
+def test_numpy_reference_equals_render_f64(cpu64, settings):
+    """An independent vectorised NumPy implementation of the whole primary pipeline
+    (benchmarks/reference_numpy.py) gives the fused render to f64 rounding."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from reference_numpy import render_primary_numpy
+
+    sim = Simulator("brain", probe=_probe(), arch="cpu", precision="f64", **settings)
+    P = _poses(sim, 1, seed=6)[0]
+    a = sim.render(P)
+    assert a.std() > 0.05
+    np.testing.assert_allclose(render_primary_numpy(sim, P), a, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["ncc", "lc2"])
+def test_loss_batch_equals_loss(cpu32, loss):
+    """loss_batch (renders 4 at a time, last batch padded) == loss() pose by pose; used by the
+    pose search's start screening."""
+    sim = Simulator("brain", probe=_probe(), arch="cpu", requires_grad="pose")
+    poses = _poses(sim, 6, seed=7)
+    sim.set_loss(sim.render(poses[0]), loss, blur_px=1.0 if loss == "ncc" else 0.0)
+    one = np.array([sim.loss(P) for P in poses])
+    many = sim.loss_batch(poses, batch=4)
+    assert one[0] < one[1:].min()              # the target pose scores best
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,400 @@
+"""Issue #7 (start-up and memory): the lean loading and set-up paths give the same results as
+the straightforward code they replace (behaviour only, no timing thresholds).
+
+* NIfTI loading (slab reads, blockwise validation and normalisation) == the full-array reference;
+* ``default_pose_for`` / ``surface_pose`` (slab passes, no argwhere) == the argwhere reference,
+  with small blocks so that many slabs and a subsampling step > 1 are exercised;
+* the built-in brain (uint8 build, on-disk cache) == the float reference build; the cache is
+  keyed, rebuilt when unreadable, and optional (unwritable or disabled directory);
+* the vectorised ``_tent_energy`` / ``speckle_power_factor`` and ``Probe.scan_grid`` == loops.
+"""
+import math
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from diffus_taichi import builtin_volumes as bv
+from diffus_taichi import image
+from diffus_taichi import volume as V
+from diffus_taichi.pose import Pose
+from diffus_taichi.probe import PRESETS, get_probe
+
+
+# --------------------------------------------------------------------------------------------
+# references: the straightforward (full-array) versions
+# --------------------------------------------------------------------------------------------
+def ref_normalise(data, lo_pct=0.5, hi_pct=99.5):
+    flat = data.reshape(-1)
+    sub = flat[:: max(1, flat.size // 2_000_000)]
+    lo, hi = np.percentile(sub, [lo_pct, hi_pct])
+    if hi <= lo:
+        lo, hi = float(flat.min()), float(flat.max())
+    if hi <= lo:
+        return np.zeros_like(data, dtype=np.float32)
+    return np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def ref_load(path):
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4:
+        data = data[..., 0]
+    bad = ~np.isfinite(data)
+    if bad.any():
+        data = np.where(bad, np.nanmin(np.where(bad, np.nan, data)), data)
+    return np.ascontiguousarray(ref_normalise(data)), img.affine
+
+
+def ref_default_pose(vol):
+    content = vol.display_channel() if vol.intensity_index is not None else vol.channels.sum(-1)
+    mask = content > 0.2 * float(content.max() or 1.0)
+    if not mask.any():
+        return Pose.look_at(vol.centre_mm, (0, 0, -1), (1, 0, 0))
+    idx = np.argwhere(mask)
+    world = vol.voxel_to_world(idx[:: max(1, len(idx) // 200000)])
+    c = world.mean(0)
+    near = world[np.linalg.norm(world[:, :2] - c[:2], axis=1) < 5.0]
+    top = (near if len(near) else world)[:, 2].max()
+    return Pose.look_at((c[0], c[1], top + 1.0), (0, 0, -1), (1, 0, 0))
+
+
+def ref_surface_pose(vol, direction, lateral_hint, content=None, standoff_mm=1.0, threshold=0.5):
+    if content is None:
+        content = vol.channels[..., [i for i, n in enumerate(vol.channel_names)
+                                     if n != V.INTENSITY]].sum(-1)
+    idx = np.argwhere(content > threshold)
+    centre = vol.voxel_to_world(idx.mean(0))
+    u = np.asarray(direction, dtype=np.float64)
+    u /= np.linalg.norm(u)
+    step = 0.25 * float(vol.spacing_mm.min())
+    last_inside = 0.0
+    for k in range(1, int(2000 / step)):
+        p = centre + k * step * u
+        ijk = np.rint(vol.world_to_index(p)).astype(int)
+        if np.any(ijk < 0) or np.any(ijk >= np.array(vol.shape)):
+            break
+        if content[tuple(ijk)] > threshold:
+            last_inside = k * step
+    return Pose.look_at(centre + (last_inside + standoff_mm) * u, -u, lateral_hint)
+
+
+def ref_brain():
+    """The built-in brain as it was built before the uint8 path and the cache."""
+    with np.load(bv.BRAIN_NPZ) as z:
+        names = [str(n) for n in z["channel_names"]]
+        chans = [z["t1"].astype(np.float32) / 255.0] + [z[n].astype(np.float32) / 255.0
+                                                        for n in names]
+        affine = z["affine"].astype(np.float64)
+    vol = V.Volume(np.stack(chans, axis=-1), affine, (V.INTENSITY, *names), name="brain",
+                   default_pose=Pose.from_vector(np.zeros(6)))
+    mask = sum(vol.channel(n) for n in ("grey_matter", "white_matter") if n in names)
+    vol.default_pose = ref_surface_pose(vol, (0.55, -0.05, 0.83), (0, 0, 1), content=mask,
+                                        standoff_mm=0.5, threshold=0.3)
+    c = vol.world_to_index(np.asarray(vol.default_pose.translation_mm))
+    r_vox = bv.CRANIOTOMY_RADIUS_MM / vol.spacing_mm
+    lo = np.maximum(np.floor(c - r_vox).astype(int), 0)
+    hi = np.minimum(np.ceil(c + r_vox).astype(int) + 1, np.array(vol.shape))
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    inside = np.linalg.norm(vol.voxel_to_world(ijk) - np.asarray(vol.default_pose.translation_mm),
+                            axis=-1) < bv.CRANIOTOMY_RADIUS_MM
+    for i, n in enumerate(vol.channel_names):
+        if n in ("cortical_bone", "scalp"):
+            vol.channels[sl + (i,)][inside] = 0.0
+    return vol
+
+
+def ref_tent_energy(v, spacing_cells, n_off=64):
+    v = np.asarray(v, dtype=np.float64)
+    pos = np.arange(len(v)) * spacing_cells
+    tot = 0.0
+    for f in (np.arange(n_off) + 0.5) / n_off:
+        x = pos + f
+        c = np.arange(-1, int(np.ceil(x.max())) + 2)
+        w = np.clip(1.0 - np.abs(x[None, :] - c[:, None]), 0.0, None)
+        tot += np.sum((w @ v) ** 2)
+    return tot / n_off
+
+
+def ref_speckle_power_factor(taps_i, taps_q, lat_w, step_mm, cell_mm, elev_w, line_spacing):
+    from diffus_taichi.march import SCAT_AMP
+
+    env = np.sqrt(np.asarray(taps_i) ** 2 + np.asarray(taps_q) ** 2)
+    lat_w = np.asarray(lat_w, dtype=np.float64)
+    S = lat_w.shape[0]
+    el = np.sum(np.asarray(elev_w) ** 2, 1)
+    ax = ref_tent_energy(env, step_mm / cell_mm)
+    sp = np.broadcast_to(np.asarray(line_spacing, dtype=np.float64), (S,)) / cell_mm
+    idx = np.unique(np.linspace(0, S - 1, min(S, 64)).astype(int))
+    lat = np.interp(np.arange(S), idx, [ref_tent_energy(lat_w[i], sp[i]) for i in idx])
+    return SCAT_AMP ** 2 * ax * lat * (2.0 / 3.0) * el
+
+
+def _same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 1000 voxels: every slab loop runs many times on small test volumes."""
+    monkeypatch.setattr(V, "CHUNK_VOXELS", 1000)
+    monkeypatch.setattr(bv, "CHUNK_VOXELS", 1000)
+
+
+def _head(n=40, dtype=np.float32):
+    g = np.linspace(-1, 1, n, dtype=np.float32)
+    r2 = g[:, None, None] ** 2 + (g[None, :, None] / 0.9) ** 2 + (g[None, None, :] / 0.8) ** 2
+    return np.where(r2 < 0.6, 0.5 + 0.3 * np.cos(10 * r2), 0.0).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# NIfTI loading
+# --------------------------------------------------------------------------------------------
+def _nifti_cases(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((17, 19, 23)).astype(np.float32) * 1000
+    oblique = np.array([[0.8, 0.2, 0, -10], [-0.1, 0.9, 0.3, 5], [0, -0.2, 1.1, 2], [0, 0, 0, 1]])
+    nan = x.copy()
+    nan[3, 4, 5], nan[10, :, 3], nan[0, 0, 0] = np.nan, np.inf, -np.inf
+    spiky = np.zeros((12, 13, 14), np.float32)
+    spiky[1, 2, 3], spiky[4, 5, 6] = 5.0, -2.0               # percentiles equal: min/max range
+    cases = {
+        "f32.nii": (x, None, None), "f32.nii.gz": (x, None, None),
+        "f64.nii.gz": (x.astype(np.float64) * 1.0001, None, None),
+        "i16_scaled.nii": ((rng.random((15, 10, 21)) * 3000 - 500).astype(np.int16), 0.37, 12.5),
+        "i16_scaled.nii.gz": ((rng.random((15, 10, 21)) * 3000 - 500).astype(np.int16), 0.37, 12.5),
+        "u8.nii": ((rng.random((9, 10, 11)) * 255).astype(np.uint8), None, None),
+        "nan.nii": (nan, None, None), "four_d.nii.gz": (x[..., None], None, None),
+        "oblique.nii": (x, None, None), "spiky.nii": (spiky, None, None),
+        "constant.nii": (np.full((5, 6, 7), 3.0, np.float32), None, None),
+        "head.nii.gz": (_head(36), None, None),
+    }
+    paths = []
+    for name, (arr, slope, inter) in cases.items():
+        aff = oblique if name.startswith("oblique") else np.diag([0.9, 1.1, 1.3, 1.0])
+        img = nib.Nifti1Image(arr, aff)
+        if slope is not None:
+            img.header.set_slope_inter(slope, inter)
+        p = str(tmp_path / name)
+        nib.save(img, p)
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_load_nifti_equals_full_array_reference(tmp_path, request, blocks):
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    for p in _nifti_cases(tmp_path):
+        vol = V.load_nifti(p)
+        data, affine = ref_load(p)
+        assert vol.channels.flags.c_contiguous and vol.channels.dtype == np.float32, p
+        assert _same(vol.channels[..., 0], data), p
+        ref_vol = V.Volume(data[..., None], affine, (V.INTENSITY,), default_pose=Pose.from_vector(np.zeros(6)))
+        assert vol.default_pose == ref_default_pose(ref_vol), p
+
+
+def test_corrupt_gzip_still_detected_with_one_pass(tmp_path):
+    p = str(tmp_path / "good.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((16, 16, 16)).astype(np.float32),
+                             np.eye(4)), p)
+    raw = bytearray(open(p, "rb").read())
+    raw[-6] ^= 0xFF                          # the CRC/length trailer only: data inflates fine
+    bad = tmp_path / "trailer.nii.gz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        V.load_nifti(str(bad))
+
+
+def test_normalise_intensity_layouts_and_in_place(small_blocks):
+    rng = np.random.default_rng(2)
+    a = (rng.random((30, 20, 25)) * 7).astype(np.float32)
+    for arr in (a, np.asfortranarray(a), a[::2, 1::3, :], (a * 100).astype(np.int16),
+                np.asfortranarray(a.astype(np.float64))):
+        keep = arr.copy()
+        out = V.normalise_intensity(arr)
+        assert _same(out, ref_normalise(arr))
+        assert _same(arr, keep)                                    # input untouched
+    b = a.copy()
+    assert V.normalise_intensity(b, out=b) is b and _same(b, ref_normalise(a))
+    with pytest.raises(ValueError, match="out must be"):
+        V.normalise_intensity(a, out=np.empty((30, 20, 25), np.float64))
+
+
+def test_from_array_never_modifies_the_callers_array():
+    a = np.random.default_rng(3).random((10, 11, 12)).astype(np.float32)
+    a[1, 2, 3] = np.nan
+    keep = a.copy()
+    vol = V.Volume.from_array(a)
+    assert np.array_equal(a, keep, equal_nan=True)
+    assert np.all(np.isfinite(vol.channels))
+
+
+def test_all_finite_matches_numpy(small_blocks):
+    rng = np.random.default_rng(4)
+    a = rng.random((20, 21, 22)).astype(np.float32)
+    for bad in (None, np.nan, np.inf, -np.inf):
+        b = a.copy()
+        if bad is not None:
+            b[19, 20, 21] = bad
+        for arr in (b, np.asfortranarray(b), b[:, ::2], b.astype(np.float64), b[..., None]):
+            assert V._all_finite(arr) == bool(np.all(np.isfinite(arr)))
+    assert V._all_finite(np.arange(10))
+
+
+# --------------------------------------------------------------------------------------------
+# poses from the content
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_default_pose_for_equals_argwhere_reference(request, blocks):
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    g = np.linspace(-1, 1, 90, dtype=np.float32)
+    r2 = g[:, None, None] ** 2 + (g[None, :, None] / 0.9) ** 2 + (g[None, None, :] / 0.8) ** 2
+    big = np.where(r2 < 1.5, 1.0 - 0.5 * r2, 0.0)      # > 400000 content voxels: step >= 2
+    assert np.count_nonzero(big > 0.2 * big.max()) > 400000
+    vols = [V.Volume.from_array(big, spacing_mm=0.7),
+            V.Volume.from_array(_head(30), affine=np.array(
+                [[0.8, 0.2, 0, -10], [-0.1, 0.9, 0.3, 5], [0, -0.2, 1.1, 2], [0, 0, 0, 1]])),
+            V.Volume.from_array(np.zeros((6, 7, 8)), normalise=False)]
+    tissues = np.stack([_head(34), 0.5 * _head(34)[::-1]], -1)   # no intensity channel: sum
+    vols.append(V.Volume(tissues, np.eye(4), ("grey_matter", "white_matter")))
+    for vol in vols:
+        assert V.default_pose_for(vol) == ref_default_pose(vol)
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_surface_pose_equals_argwhere_reference(request, blocks):
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    vol = bv.head_phantom(spacing_mm=2.0)
+    for d in ((0.3, 0.1, 0.9), (0.55, -0.05, 0.83), (0, 0.1, -0.9)):
+        assert bv.surface_pose(vol, d, (1, 0, 0)) == ref_surface_pose(vol, d, (1, 0, 0))
+        c = vol.channels[..., 2]
+        assert (bv.surface_pose(vol, d, (0, 1, 0), content=c, threshold=0.1, standoff_mm=0.5)
+                == ref_surface_pose(vol, d, (0, 1, 0), content=c, threshold=0.1, standoff_mm=0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# the built-in brain and its cache
+# --------------------------------------------------------------------------------------------
+def _assert_same_volume(a, b):
+    assert _same(a.channels, b.channels)
+    assert _same(a.affine, b.affine)
+    assert a.channel_names == b.channel_names
+    assert a.default_pose == b.default_pose
+
+
+@pytest.fixture(scope="module")
+def brain_reference():
+    return ref_brain()
+
+
+def test_brain_without_cache_equals_reference(monkeypatch, brain_reference):
+    monkeypatch.setenv(bv.CACHE_ENV, "off")
+    assert bv.cache_dir() is None
+    _assert_same_volume(V.load_volume("brain"), brain_reference)
+
+
+def test_brain_cache_written_then_read_identical(monkeypatch, tmp_path, brain_reference):
+    d = tmp_path / "cache"
+    monkeypatch.setenv(bv.CACHE_ENV, str(d))
+    first = V.load_volume("brain")                              # builds and writes the entry
+    files = sorted(os.listdir(d))
+    assert len(files) == 2 and all(f.startswith("brain-") for f in files)
+    assert not [f for f in files if f.endswith(".tmp")]
+    calls = []
+    monkeypatch.setattr(bv, "_brain_u8", lambda: calls.append(1))   # must not be needed now
+    second = V.load_volume("brain")
+    assert calls == []
+    _assert_same_volume(first, brain_reference)
+    _assert_same_volume(second, brain_reference)
+    assert not np.shares_memory(first.channels, second.channels)
+    assert second.channels.flags.writeable
+
+
+def test_brain_cache_corrupt_entry_is_rebuilt(monkeypatch, tmp_path, brain_reference):
+    d = tmp_path / "cache"
+    monkeypatch.setenv(bv.CACHE_ENV, str(d))
+    V.load_volume("brain")
+    npy = [f for f in os.listdir(d) if f.endswith(".npy")][0]
+    with open(d / npy, "r+b") as fh:                           # truncate the data
+        fh.truncate(1000)
+    _assert_same_volume(V.load_volume("brain"), brain_reference)
+    assert os.path.getsize(d / npy) > 1000                     # rewritten
+    (d / npy.replace(".npy", ".json")).write_text("{not json")
+    _assert_same_volume(V.load_volume("brain"), brain_reference)
+
+
+def test_brain_cache_unwritable_directory_is_harmless(monkeypatch, tmp_path, brain_reference):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv(bv.CACHE_ENV, str(blocker / "cache"))   # cannot be created (even as root)
+    _assert_same_volume(V.load_volume("brain"), brain_reference)
+    assert not (blocker / "cache").exists()
+
+
+def test_brain_cache_key_depends_on_version(monkeypatch):
+    k = bv._brain_cache_key()
+    monkeypatch.setattr(bv, "BRAIN_CACHE_VERSION", bv.BRAIN_CACHE_VERSION + "x")
+    assert bv._brain_cache_key() != k
+
+
+def test_brain_cache_keeps_a_few_entries(tmp_path):
+    for i in range(5):
+        for ext in (".npy", ".json"):
+            p = tmp_path / f"brain-{i}{ext}"
+            p.write_text("x")
+            os.utime(p, (1000 + i, 1000 + i))
+    bv._prune_brain_cache(str(tmp_path), keep=3)
+    assert sorted(os.listdir(tmp_path)) == sorted(f"brain-{i}{e}" for i in (2, 3, 4)
+                                                  for e in (".npy", ".json"))
+
+
+# --------------------------------------------------------------------------------------------
+# pure-NumPy set-up of the Simulator
+# --------------------------------------------------------------------------------------------
+PROBES = [PRESETS[n] for n in PRESETS] + [
+    get_probe("craniotomy", n_lines=256, n_samples=512, image_px=(512, 512)),
+    get_probe("linear", n_lines=8, n_samples=64, image_px=(40, 50)),
+    get_probe("phased", n_lines=2, n_samples=16, image_px=(16, 20)),
+    get_probe("convex", n_lines=33, n_samples=1000, image_px=(30, 70))]
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=lambda p: f"{p.name}-{p.n_lines}x{p.n_samples}")
+def test_speckle_power_factor_equals_loop_reference(probe):
+    ti_, tq = image.axial_taps(probe)
+    lw = image.lateral_weights(probe)
+    for cell in (0.08, 0.013, 0.5) if probe.n_lines > 2 else (0.08, 0.5):   # (the loop is slow)
+        for n_el in (1, 3):
+            _, w = image.elevation_planes(probe, n_el)
+            got = image.speckle_power_factor(ti_, tq, lw, probe.sample_spacing_mm, cell, w,
+                                             image.line_spacing_mm(probe))
+            ref = ref_speckle_power_factor(ti_, tq, lw, probe.sample_spacing_mm, cell, w,
+                                           image.line_spacing_mm(probe))
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+
+
+def test_tent_energies_batched_equal_single_rows():
+    rng = np.random.default_rng(5)
+    Vw = rng.random((37, 9))
+    a = rng.random(37) * 40 + 0.01
+    single = np.array([ref_tent_energy(Vw[i], a[i]) for i in range(37)])
+    for max_bins in (1, 5000, 1 << 20):                        # one row per batch .. all rows
+        np.testing.assert_allclose(image._tent_energies(Vw, a, max_bins=max_bins), single,
+                                   rtol=1e-12, atol=0)
+    assert math.isclose(image._tent_energy(Vw[0], a[0]), single[0], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=lambda p: f"{p.name}-{p.n_lines}x{p.n_samples}")
+def test_scan_grid_equals_meshgrid_reference(probe):
+    x, z = probe.fan_axes_mm()
+    X, Z = np.meshgrid(x, z)
+    li, si = probe.probe_to_line_coords(X, Z)
+    inside = (li >= 0) & (li <= probe.n_lines - 1) & (si >= 0) & (si <= probe.n_samples - 1)
+    got = probe.scan_grid()
+    for g, r in zip(got, (li, si, inside)):
+        assert _same(g, r) and g.flags.writeable
