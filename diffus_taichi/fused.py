@@ -73,7 +73,7 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
         zero = ti.Vector.zero(float, 3)
         c000, c100, c010, c110, c001, c101, c011, c111 = zero, zero, zero, zero, zero, zero, zero, zero
         z_p, a_p, cos_p, si_p, sq_p, st_p = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0   # previous sample
-        cum = 0.0                                    # log two-way transmission down to it
+        g = 1.0                                      # two-way transmission down to it
         bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
         bq = ti.Vector.zero(float, 2 * K + 1)
         for s in range(S + 1 + K):
@@ -100,12 +100,12 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
                                                 inv_cell_mm, k2h, seeds[r // (S_rays // seeds.shape[0])],
                                                 elev_off, elev_w, n_elev)
                 if s > 0:                            # sample s - 1 is complete: its RF
-                    g = ti.exp(cum)
                     e = 0.0
+                    g_next = g
                     if s < S:
                         rc = refl(z_p, prop[0])
                         e = ti.max(cos_p, cw) * rc * g
-                        cum += ti.log(ti.max(1.0 - rc * rc, 1e-30)) - 2.0 * (a_p * np_per_dbcm_step)
+                        g_next = g * ti.max(1.0 - rc * rc, 1e-30) * ti.exp(-2.0 * (a_p * np_per_dbcm_step))
                     rf = e
                     if ti.static(mode == 0):
                         rf = e + g * si_p
@@ -114,6 +114,7 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
                         incoh[r, s - 1] = g * st_p
                     bi = _shift_in(bi, rf, K)
                     bq = _shift_in(bq, rfq, K)
+                    g = g_next
                 z_p, a_p, cos_p, si_p, sq_p, st_p = prop[0], prop[1], cw, si, sq, prop[2]
             else:                                    # past the line: zeros flush the register
                 bi = _shift_in(bi, 0.0, K)
