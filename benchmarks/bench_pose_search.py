@@ -46,14 +46,9 @@ TISSUE_CONTENT = ("grey_matter", "white_matter")
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from diffus_taichi.bench import cpu_model
+
+    return cpu_model()
 
 
 def brain_content(vol) -> np.ndarray:

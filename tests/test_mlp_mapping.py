@@ -89,7 +89,9 @@ def test_mlp_mapping_file_roundtrip_and_bad_input(tmp_path):
 
 def test_fit_mlp_to_images_of_a_hidden_transfer_function(cpu32):
     """4 training pairs (48 x 96, coherent speckle, matched seed) from a transfer function whose
-    impedance knots are perturbed by up to 3 %; 60 Adam steps on the MLP weights."""
+    impedance knots are perturbed by up to 3 %; 100 Adam steps on the MLP weights (60 sufficed
+    with the earlier scatterer amplitudes; with the byte-pair amplitudes the curve error after
+    60 steps was 0.63x the start, after 100 steps below 0.5x)."""
     brain = load_volume("brain")
     probe = get_probe("craniotomy", n_lines=48, n_samples=96, image_px=(96, 96))
     hidden = mf.perturbed_knots(T1_TRANSFER_KNOTS, pct=3.0, seed=0)
@@ -99,7 +101,7 @@ def test_fit_mlp_to_images_of_a_hidden_transfer_function(cpu32):
     train, held = pairs.split(4)
     init = AcousticMapping("mlp")
     w_init = init.mlp.weights.copy()
-    mapping, hist = mf.fit_mapping(brain, train, init=init, iters=60, lr=0.01, arch="cpu",
+    mapping, hist = mf.fit_mapping(brain, train, init=init, iters=100, lr=0.01, arch="cpu",
                                    progress=False)
     assert mapping.kind == "mlp"
     assert np.array_equal(init.mlp.weights, w_init)      # the caller's mapping is not modified
