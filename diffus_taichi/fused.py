@@ -67,8 +67,9 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
     scattering strength for the expected diffuse intensity), 2 'off'. np_per_dbcm_step: nepers
     per (dB/cm/MHz) over one sample step."""
     for r in range(iq_i.shape[0]):
-        S, S_rays = iq_i.shape[1], iq_i.shape[0]
+        S = iq_i.shape[1]
         P = cell_phasors(rd[r], k2h)
+        seed = seeds[r // (iq_i.shape[0] // seeds.shape[0])]     # this ray's frame
         ci = ti.Vector([-(1 << 30), 0, 0])           # voxel whose corners are cached
         zero = ti.Vector.zero(float, 3)
         c000, c100, c010, c110, c001, c101, c011, c111 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -97,8 +98,7 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
                     if ti.static(mode == 0):
                         si, sq = speckle_sample(props, outside, P, prop[2], pv,
                                                 ro[r] + d_mm * rd[r], r, s, rd, ey, eyv,
-                                                inv_cell_mm, k2h, seeds[r // (S_rays // seeds.shape[0])],
-                                                elev_off, elev_w, n_elev)
+                                                inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev)
                 if s > 0:                            # sample s - 1 is complete: its RF
                     e = 0.0
                     g_next = g
