@@ -70,7 +70,7 @@ _U32 = np.uint32
 
 
 def hash_u32(i, j, k, seed: int) -> np.ndarray:
-    """``march.hash_u32`` in uint32 arithmetic (wrap-around multiplies, logical shifts).
+    """the lattice hash of ``march.scatterer_sum`` (``march.HASH_MUL``, ``fmix_u32``) in uint32 arithmetic (wrap-around multiplies, logical shifts).
     i, j, k: int arrays (negative values wrap like Taichi's i32 -> u32 cast)."""
     iu = np.asarray(i).astype(np.int32).view(np.uint32)
     ju = np.asarray(j).astype(np.int32).view(np.uint32)

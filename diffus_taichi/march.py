@@ -79,15 +79,8 @@ def trilinear(vol: ti.template(), p, outside):
                           p[0] - f0[0], p[1] - f0[1], p[2] - f0[2])
 
 
-@ti.func
-def hash_u32(i, j, k, seed):
-    """Integer hash of a lattice point (murmur3 finaliser)."""
-    h = (ti.cast(i, ti.u32) * ti.u32(HASH_MUL[0])) ^ (ti.cast(j, ti.u32) * ti.u32(HASH_MUL[1])) \
-        ^ (ti.cast(k, ti.u32) * ti.u32(HASH_MUL[2])) ^ (ti.cast(seed, ti.u32) * ti.u32(HASH_MUL[3]))
-    return fmix_u32(h)
-
-
-HASH_MUL = (73856093, 19349663, 83492791, 2654435761)    # lattice hash multipliers (i, j, k, seed)
+# lattice hash of cell (i, j, k) and seed: fmix_u32(i A ^ j B ^ k C ^ seed D), (A, B, C, D) =
+HASH_MUL = (73856093, 19349663, 83492791, 2654435761)
 
 
 # lattice origin shift (cells): keeps the lattice planes off the round world coordinates that test
@@ -174,8 +167,8 @@ def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
     i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
     f = q - f0
     bc, bs = fast_cos_sin(k2h * f.dot(d))
-    # hash_u32 of the 8 cells with the per-axis products formed once (wrap-around arithmetic:
-    # (i + 1) A = i A + A), then a = bytes 0-1, b = bytes 2-3 of the one hash per cell
+    # lattice hash (HASH_MUL) of the 8 cells, the per-axis products formed once (wrap-around
+    # arithmetic: (i + 1) A = i A + A); a = bytes 0-1, b = bytes 2-3 of the one hash per cell
     hx0 = ti.cast(i, ti.u32) * ti.u32(HASH_MUL[0])
     hy0 = ti.cast(j, ti.u32) * ti.u32(HASH_MUL[1])
     hz0 = ti.cast(k, ti.u32) * ti.u32(HASH_MUL[2])
@@ -186,7 +179,7 @@ def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
     ai, aq = 0.0, 0.0
     for a, b, c in ti.static(ti.ndrange(2, 2, 2)):
         w = (f[0] if a else 1.0 - f[0]) * (f[1] if b else 1.0 - f[1]) * (f[2] if c else 1.0 - f[2])
-        h = fmix_u32(hx[a] ^ hy[b] ^ hz[c])           # = hash_u32(i + a, j + b, k + c, seed)
+        h = fmix_u32(hx[a] ^ hy[b] ^ hz[c])           # lattice hash of cell (i+a, j+b, k+c)
         sa = w * _byte_pair(h)                       # variance 1/2 each
         sb = w * _byte_pair(h >> ti.u32(16))
         n = ti.static(4 * a + 2 * b + c)

@@ -333,7 +333,7 @@ class Simulator:
                             self.eyv, self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
                             self._k2h(), self.seeds, self.elev_off, self.elev_w, self._n_elev,
                             fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
-                            self.iq_i, self.iq_q, self.env)
+                            self.iq_i, self.iq_q, self.env)   # env: scratch (gain x strength, 'mean')
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
                                    mode == "mean", self.env, self._speckle_c, s.gain_db, tgc,
