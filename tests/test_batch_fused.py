@@ -101,6 +101,8 @@ def test_batch_errors(cpu32):
     sim = Simulator("brain", probe=_probe(), arch="cpu", batch=2)
     with pytest.raises(ValueError, match="expected 2 poses"):
         sim.render_batch([None])
+    with pytest.raises(ValueError, match="seeds must be 2 integers"):
+        sim.render_batch([None, None], seeds=[1.5, 2.0])
     with pytest.raises(ValueError, match="NaN|Inf"):
         sim.render_batch(np.full((2, 6), np.nan))
     layered = Simulator("brain", probe=_probe(), arch="cpu", echo_model="layered")
