@@ -684,7 +684,8 @@ fan = sim.render()
 stages["first_render"] = mem()
 print(P["mark"] + json.dumps({"baseline": base, "stages": stages, "peak_reset_ok": can_reset,
       "volume_shape": list(vol.shape), "volume_channels": vol.n_channels,
-      "fan_mean": float(fan.mean())}), flush=True)
+      "storage": getattr(sim, "storage", "full"), "props_shape": list(sim.props.shape),
+      "props_dtype": str(sim.props.dtype), "fan_mean": float(fan.mean())}), flush=True)
 """
 
 
@@ -725,7 +726,9 @@ def measure_memory(arch: str = "cpu", dim: int = 256, lines: int = 256, samples:
     between stages through /proc/self/clear_refs so that each stage's own peak is known; with
     no reset possible ru_maxrss) minus the baseline is compared with the budget
     2 x volume bytes + 64 MiB. On GPU backends the fields live in device memory, which this
-    host-side figure does not see: measure on cpu."""
+    host-side figure does not see: measure on cpu. The Simulator uses its default
+    ``storage="auto"`` (compact float16 properties from 256^3 voxels up, see
+    :mod:`diffus_taichi.property_volume`); the storage, props dtype and shape are reported."""
     tmp = tempfile.mkdtemp(prefix="diffus_bench_mem_")
     path = os.path.join(tmp, f"phantom{dim}.nii")
     out = {"backend": arch, "dim": dim, "size": f"{lines}x{samples}", "image_px": list(image_px)}
@@ -753,10 +756,13 @@ def measure_memory(arch: str = "cpu", dim: int = 256, lines: int = 256, samples:
                    stage_peak_over_baseline_bytes={k: v - base for k, v in stage_peak.items()},
                    stage_peak_over_start_bytes=_over_start(base, st, stage_peak),
                    stage_rss_after_bytes={k: s.get("VmRSS", 0) for k, s in st.items()},
-                   volume_shape=r["volume_shape"], volume_channels=r["volume_channels"])
+                   volume_shape=r["volume_shape"], volume_channels=r["volume_channels"],
+                   storage=r.get("storage"), props_shape=r.get("props_shape"),
+                   props_dtype=r.get("props_dtype"))
         log.info("peak memory %s, %d^3 volume: baseline %.0f MiB, peak %.0f MiB, increase %.0f MiB "
-                 "(budget %.0f MiB) %s", arch, dim, base / MIB, peak / MIB, inc / MIB,
-                 budget / MIB, "PASS" if inc <= budget else "FAIL")
+                 "(budget %.0f MiB) %s; Simulator storage %s, props %s %s", arch, dim, base / MIB,
+                 peak / MIB, inc / MIB, budget / MIB, "PASS" if inc <= budget else "FAIL",
+                 r.get("storage"), r.get("props_dtype"), r.get("props_shape"))
     except RuntimeError as e:
         log.warning("memory measurement failed: %s", e)
         out["status"] = f"error: {e}"
@@ -1111,7 +1117,9 @@ def format_report(doc: dict) -> str:
                       f"{m['size']}, one render: baseline (after import taichi + ti.init) "
                       f"{m['baseline_bytes'] / MIB:.0f} MiB, peak {m['peak_bytes'] / MIB:.0f} MiB, "
                       f"increase {m['increase_bytes'] / MIB:.0f} MiB, budget 2 x volume + 64 MiB "
-                      f"= {m['budget_bytes'] / MIB:.0f} MiB -> {'PASS' if m['passed'] else 'FAIL'}.",
+                      f"= {m['budget_bytes'] / MIB:.0f} MiB -> {'PASS' if m['passed'] else 'FAIL'}"
+                      f" (Simulator storage {m.get('storage')}: props {m.get('props_dtype')} "
+                      f"{tuple(m.get('props_shape') or ())}).",
                       f"  per stage, MiB ({m['measured_with']}): peak over baseline: {sp}; "
                       f"peak over the memory at the stage's start: {ss}; resident after the stage, "
                       f"over baseline: {sr}"]

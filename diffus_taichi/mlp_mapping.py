@@ -197,33 +197,76 @@ def flat_features(p: MLPParams, t) -> np.ndarray:
 _KERNELS: dict = {}
 
 
-def mlp_kernel(params: MLPParams):
-    """Kernel ``k(vol, chan, w2v, w, props)``: props[I] = [Z - Z_REF, alpha, scattering] of the
-    MLP with flat weights field ``w`` at every voxel of ``vol`` (features from channel ``chan``;
-    ``gradT`` (3x3) maps index-space gradients to world mm)."""
-    key = (params.features, params.hidden)
-    if key in _KERNELS:
-        return _KERNELS[key]
+def _layout(params: MLPParams):
     sizes = params.sizes
     offs, o = [], 0
     for a, b in zip(sizes[:-1], sizes[1:]):
         offs.append((o, o + a * b))
         o += a * b + b
     aoff = [int(v) for v in np.cumsum((0,) + sizes)]
-    NA = aoff[-1]
     use = tuple(f in params.features for f in FEATURES)
     fidx = tuple(params.features.index(f) if f in params.features else -1 for f in FEATURES)
+    return sizes, offs, aoff, use, fidx
+
+
+def _mlp_func(params: MLPParams):
+    """``ti.func`` (c0, xm, xp, ym, yp, zm, zp, gradT, w) -> props (3,): the MLP of one voxel
+    from its intensity c0 and its 6 face neighbours (edge-clamped), shared by the field and the
+    NumPy-slab kernels."""
+    sizes, offs, aoff, use, fidx = _layout(params)
+    NA = aoff[-1]
     n_layers = len(sizes) - 1
+
+    @ti.func
+    def f(c0, xm, xp, ym, yp, zm, zp, gradT: ti.template(), w: ti.template()):
+        h = ti.Vector.zero(float, NA)
+        if ti.static(use[0]):
+            h[fidx[0]] = c0
+        if ti.static(use[1]):
+            h[fidx[1]] = (xm + xp + ym + yp + zm + zp) / 6.0
+        if ti.static(use[2]):
+            g = gradT[None] @ ti.Vector([0.5 * (xp - xm), 0.5 * (yp - ym), 0.5 * (zp - zm)])
+            h[fidx[2]] = ti.sqrt(g.dot(g) + 1e-12)
+        for layer in ti.static(range(n_layers)):
+            a, b = ti.static(sizes[layer], sizes[layer + 1])
+            wo, bo = ti.static(offs[layer])
+            ia, ib = ti.static(aoff[layer], aoff[layer + 1])
+            for u in ti.static(range(b)):
+                acc = w[bo + u]
+                for v in ti.static(range(a)):
+                    acc += w[wo + u * a + v] * h[ia + v]
+                if ti.static(layer < n_layers - 1):
+                    h[ib + u] = ti.tanh(acc)
+                else:
+                    h[ib + u] = acc
+        o0, o1, o2 = h[NA - 3], h[NA - 2], h[NA - 1]
+        # Z - Z_REF = Z_REF (exp(o0) - 1) = Z_REF 2t / (1 - t), t = tanh(o0 / 2): no
+        # cancellation for small o0 (f32 keeps the relative precision of the deviation)
+        t = ti.tanh(0.5 * o0)
+        dz = Z_REF * 2.0 * t / (1.0 - t)
+        sp1 = ti.max(o1, 0.0) + ti.log(1.0 + ti.exp(-ti.abs(o1)))
+        sp2 = ti.max(o2, 0.0) + ti.log(1.0 + ti.exp(-ti.abs(o2)))
+        return ti.Vector([dz, sp1, sp2])
+
+    return f, use
+
+
+def mlp_kernel(params: MLPParams):
+    """Kernel ``k(vol, chan, gradT, w, props)``: props[I] = [Z - Z_REF, alpha, scattering] of the
+    MLP with flat weights field ``w`` at every voxel of ``vol`` (features from channel ``chan``;
+    ``gradT`` (3x3) maps index-space gradients to world mm). Differentiable (full storage)."""
+    key = ("field", params.features, params.hidden)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    mlp, use = _mlp_func(params)
 
     @ti.kernel
     def k(vol: ti.template(), chan: ti.template(), gradT: ti.template(), w: ti.template(),
           props: ti.template()):
         for i, j, l in vol:
             X, Y, Z = vol.shape[0], vol.shape[1], vol.shape[2]
-            h = ti.Vector.zero(float, NA)
             c0 = ti.cast(vol[i, j, l][chan], float)
-            if ti.static(use[0]):
-                h[fidx[0]] = c0
+            xm, xp, ym, yp, zm, zp = c0, c0, c0, c0, c0, c0
             if ti.static(use[1] or use[2]):
                 xm = ti.cast(vol[ti.max(i - 1, 0), j, l][chan], float)
                 xp = ti.cast(vol[ti.min(i + 1, X - 1), j, l][chan], float)
@@ -231,31 +274,38 @@ def mlp_kernel(params: MLPParams):
                 yp = ti.cast(vol[i, ti.min(j + 1, Y - 1), l][chan], float)
                 zm = ti.cast(vol[i, j, ti.max(l - 1, 0)][chan], float)
                 zp = ti.cast(vol[i, j, ti.min(l + 1, Z - 1)][chan], float)
-                if ti.static(use[1]):
-                    h[fidx[1]] = (xm + xp + ym + yp + zm + zp) / 6.0
-                if ti.static(use[2]):
-                    g = gradT[None] @ ti.Vector([0.5 * (xp - xm), 0.5 * (yp - ym), 0.5 * (zp - zm)])
-                    h[fidx[2]] = ti.sqrt(g.dot(g) + 1e-12)
-            for layer in ti.static(range(n_layers)):
-                a, b = ti.static(sizes[layer], sizes[layer + 1])
-                wo, bo = ti.static(offs[layer])
-                ia, ib = ti.static(aoff[layer], aoff[layer + 1])
-                for u in ti.static(range(b)):
-                    acc = w[bo + u]
-                    for v in ti.static(range(a)):
-                        acc += w[wo + u * a + v] * h[ia + v]
-                    if ti.static(layer < n_layers - 1):
-                        h[ib + u] = ti.tanh(acc)
-                    else:
-                        h[ib + u] = acc
-            o0, o1, o2 = h[NA - 3], h[NA - 2], h[NA - 1]
-            # Z - Z_REF = Z_REF (exp(o0) - 1) = Z_REF 2t / (1 - t), t = tanh(o0 / 2): no
-            # cancellation for small o0 (f32 keeps the relative precision of the deviation)
-            t = ti.tanh(0.5 * o0)
-            dz = Z_REF * 2.0 * t / (1.0 - t)
-            sp1 = ti.max(o1, 0.0) + ti.log(1.0 + ti.exp(-ti.abs(o1)))
-            sp2 = ti.max(o2, 0.0) + ti.log(1.0 + ti.exp(-ti.abs(o2)))
-            props[i, j, l] = ti.Vector([dz, sp1, sp2])
+            props[i, j, l] = mlp(c0, xm, xp, ym, yp, zm, zp, gradT, w)
+
+    _KERNELS[key] = k
+    return k
+
+
+def mlp_kernel_nd(params: MLPParams):
+    """Kernel ``k(ch, s0, x0, nx, X, chan, gradT, w, props)`` of lean/compact storage: the same
+    per-voxel MLP as :func:`mlp_kernel` for the rows x0 .. x0 + nx - 1 of a volume of X rows,
+    read from the NumPy channel slab ``ch`` (X', Y, Z, C) that starts at row s0 and includes the
+    neighbour rows (edge-clamped at 0 and X - 1); written to ``props`` cast to its dtype."""
+    key = ("ndarray", params.features, params.hidden)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    mlp, use = _mlp_func(params)
+
+    @ti.kernel
+    def k(ch: ti.types.ndarray(ndim=4), s0: int, x0: int, nx: int, X: int, chan: ti.template(),
+          gradT: ti.template(), w: ti.template(), props: ti.template()):
+        for ii, j, l in ti.ndrange(nx, ch.shape[1], ch.shape[2]):
+            Y, Z = ch.shape[1], ch.shape[2]
+            i = x0 + ii
+            c0 = ti.cast(ch[i - s0, j, l, chan], float)
+            xm, xp, ym, yp, zm, zp = c0, c0, c0, c0, c0, c0
+            if ti.static(use[1] or use[2]):
+                xm = ti.cast(ch[ti.max(i - 1, 0) - s0, j, l, chan], float)
+                xp = ti.cast(ch[ti.min(i + 1, X - 1) - s0, j, l, chan], float)
+                ym = ti.cast(ch[i - s0, ti.max(j - 1, 0), l, chan], float)
+                yp = ti.cast(ch[i - s0, ti.min(j + 1, Y - 1), l, chan], float)
+                zm = ti.cast(ch[i - s0, j, ti.max(l - 1, 0), chan], float)
+                zp = ti.cast(ch[i - s0, j, ti.min(l + 1, Z - 1), chan], float)
+            props[i, j, l] = ti.cast(mlp(c0, xm, xp, ym, yp, zm, zp, gradT, w), props.dtype)
 
     _KERNELS[key] = k
     return k

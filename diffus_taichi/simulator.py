@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import taichi as ti
 
-from . import backend, echo, image, march, rays, scan
+from . import backend, echo, image, march, property_volume, rays, scan
 from .acoustics import AcousticMapping, get_mapping
+from .fieldio import Uploader
 from .pose import Pose
 from .probe import Probe, get_probe
 from .volume import Volume, load_volume
@@ -83,12 +84,21 @@ class Simulator:
             acoustic-property fields are reused (e.g. several probe resolutions, no extra memory).
         batch: frames rendered per launch (B poses at once, :meth:`render_batch`); every per-ray
             field then holds B x n_lines rays and the fan is (B, H, W). Gradients need batch=1.
+        storage: how the acoustic-property volume is held (:mod:`diffus_taichi.property_volume`):
+            ``"full"`` (a Taichi field of all channels, ``self.vol``, plus ``self.props`` at the
+            Simulator's precision: needed for mapping gradients), ``"lean"`` (``props`` at the
+            Simulator's precision computed from the NumPy channels slab by slab, no channel
+            field; same values as full), ``"compact"`` (as lean with ``props`` stored as float16:
+            6 bytes per voxel instead of 12; renders agree with f32 storage to about 1e-3 of the
+            [0, 1] image scale, see tests/test_startup_memory.py) or ``"auto"`` (default: full
+            with ``requires_grad=True`` or f64, else compact from 256^3 voxels up, else lean).
+            The choice is logged and kept in ``self.storage``.
         **settings: fields of :class:`ImagingSettings`.
     """
 
     def __init__(self, volume="brain", probe="craniotomy", mapping="auto", echo_model="primary",
                  arch=None, precision="f32", requires_grad=False, share_volume_with=None,
-                 batch=1, **settings):
+                 batch=1, storage="auto", **settings):
         t0 = time.perf_counter()
         if requires_grad not in (False, True, "pose"):
             raise ValueError(f"requires_grad must be False, True or 'pose', got {requires_grad!r}")
@@ -117,12 +127,35 @@ class Simulator:
         self.real = ti.f64 if precision == "f64" else ti.f32
         self.requires_grad = requires_grad
         self._np_real = np.float64 if precision == "f64" else np.float32
+        if share_volume_with is not None:
+            self.storage = share_volume_with.storage
+            self.props_origin = share_volume_with.props_origin
+            self._props_shape = tuple(share_volume_with.props.shape)
+        else:
+            self.storage = property_volume.resolve_storage(
+                storage, precision, requires_grad, int(np.prod(self.volume.shape)))
+            self.props_origin, self._props_shape = (0, 0, 0), tuple(self.volume.shape)
+            box = (property_volume.content_box(self.volume, self.mapping)
+                   if self.storage == "compact" else None)
+            if box is not None:                   # compact: props over the content box only
+                self.props_origin = box[0]
+                self._props_shape = tuple(int(h - l) for l, h in zip(*box))
+        self.props_cropped = self._props_shape != tuple(self.volume.shape)
         self._alloc()
         self._upload_static()
         self.last_pose = self.volume.default_pose
-        log.info("simulator ready: volume %s %s, probe %s %dx%d, %s, arch %s (%.2f s)",
+        log.info("simulator ready: volume %s %s, probe %s %dx%d, %s, arch %s, storage %s "
+                 "(%s properties%s%s, %.0f MiB%s) (%.2f s)",
                  self.volume.name, self.volume.shape, self.probe.name, self.probe.n_lines,
-                 self.probe.n_samples, echo_model, self.arch, time.perf_counter() - t0)
+                 self.probe.n_samples, echo_model, self.arch, self.storage,
+                 "f16" if self.storage == "compact" else precision,
+                 ", channel field" if self.storage == "full" else ", no channel field",
+                 f", content box {self._props_shape} at {self.props_origin}"
+                 if self.props_cropped else "",
+                 int(np.prod(self._props_shape)) * property_volume.bytes_per_voxel(
+                     self.storage, self.volume.n_channels, precision) / 2 ** 20,
+                 ", shared" if share_volume_with is not None else "",
+                 time.perf_counter() - t0)
 
     # --- allocation ---------------------------------------------------------------------------
     def _alloc(self):
@@ -144,7 +177,10 @@ class Simulator:
             for name in shared:
                 setattr(self, name, getattr(self._shared, name))
         else:
-            self.vol = ti.Vector.field(v.n_channels, real, shape=v.shape)
+            # channel field only for full storage (mapping gradients); lean/compact storage
+            # computes props from volume.channels (property_volume.fill_props)
+            self.vol = (ti.Vector.field(v.n_channels, real, shape=v.shape)
+                        if self.storage == "full" else None)
             self.w2v = ti.Matrix.field(4, 4, real, shape=())
             self.gradT = ti.Matrix.field(3, 3, real, shape=())
             self.table = ti.field(real, shape=rows.shape, needs_grad=gm)
@@ -153,7 +189,8 @@ class Simulator:
             self.tf = ti.field(real, shape=knots.shape, needs_grad=gm)
             n_mlp = self.mapping.mlp.n_params if self.mapping.kind == "mlp" else 1
             self.mlp_w = ti.field(real, shape=n_mlp, needs_grad=gm)
-            self.props = ti.Vector.field(3, real, shape=v.shape, needs_grad=gm)
+            self.props = ti.Vector.field(3, property_volume.props_dtype(self.storage, real),
+                                         shape=self._props_shape, needs_grad=gm)
             self.outside = ti.Vector.field(3, real, shape=())
 
         # fields of the fused forward path; the staged path's own fields come with
@@ -169,7 +206,6 @@ class Simulator:
         self.M = (lw.shape[1] - 1) // 2
         self.lat_w = ti.field(real, shape=lw.shape)
         self._taps = (ti_, tq, lw)
-        self._speckle_c = image.speckle_power_factor(*self._taps)
         self.sc_base = ti.Vector.field(2, ti.i32, shape=(H, W))
         self.sc_frac = ti.Vector.field(2, real, shape=(H, W))
         self.fan = ti.field(real, shape=(H, W) if self.batch == 1 else (self.batch, H, W), needs_grad=g)
@@ -202,24 +238,29 @@ class Simulator:
         self._staged = True
 
     def _upload_static(self):
+        """Every pose-independent small field in one kernel launch (:class:`Uploader`: one
+        kernel to prepare instead of one per field), then the mapping and the volume."""
         f = self._np_real
         v, p = self.volume, self.probe
-        if self._shared is None:
-            self.vol.from_numpy(v.channels.astype(f, copy=False))
-            A = v.world_to_voxel
-            self.w2v[None] = A.astype(f)
-            self.gradT[None] = A[:3, :3].T.astype(f)
-            self.upload_mapping()
         o, d = p.line_geometry()
-        self.line_o.from_numpy(o.astype(f))
-        self.line_d.from_numpy(d.astype(f))
         ti_, tq, lw = self._taps
-        self.taps_i.from_numpy(ti_.astype(f))
-        self.taps_q.from_numpy(tq.astype(f))
-        self.lat_w.from_numpy(lw.astype(f))
         base, frac = scan.scan_lookup(p)
-        self.sc_base.from_numpy(base)
-        self.sc_frac.from_numpy(frac.astype(f))
+        fields = [self.line_o, self.line_d, self.taps_i, self.taps_q, self.lat_w, self.sc_base,
+                  self.sc_frac, self.elev_off, self.elev_w, self._speckle_c]
+        arrays = [o, d, ti_, tq, lw, base, frac, *self._imaging_arrays]
+        if self._shared is None:
+            A = v.world_to_voxel
+            A[:3, 3] -= self.props_origin          # indices of the (cropped) props grid
+            fields += [self.w2v, self.gradT]
+            arrays += [A, A[:3, :3].T]
+        Uploader(fields)(*[np.asarray(a).astype(f if not np.issubdtype(np.asarray(a).dtype,
+                                                                      np.integer) else np.int32)
+                           for a in arrays])
+        del self._imaging_arrays
+        if self._shared is None:
+            if self.vol is not None:
+                self.vol.from_numpy(v.channels.astype(f, copy=False))
+            self.upload_mapping()
 
     def upload_mapping(self, mapping: AcousticMapping | None = None):
         """(Re)load the tissue table / transfer knots into their Taichi fields."""
@@ -229,27 +270,47 @@ class Simulator:
                 raise ValueError("cannot switch mapping kind on an existing Simulator")
             self.mapping = mapping
         rows, chan, _ = self.mapping.table_arrays(self.volume)
-        self.table.from_numpy(rows.astype(self._np_real))
-        self.chan_tissue.from_numpy(chan)
-        if self.mapping.kind == "transfer":
-            self.tf.from_numpy(np.asarray(self.mapping.knots, dtype=self._np_real))
-            self.set_outside(self.mapping.knots[0])
-        else:
-            self.set_outside(rows[0])
-        if self.mapping.kind == "mlp":
-            if self.mapping.mlp.n_params != self.mlp_w.shape[0]:
-                raise ValueError("cannot change the MLP layout on an existing Simulator")
-            self.mlp_w.from_numpy(self.mapping.mlp.weights.astype(self._np_real))
+        f = self._np_real
+        kind = self.mapping.kind
+        if kind == "mlp" and self.mapping.mlp.n_params != self.mlp_w.shape[0]:
+            raise ValueError("cannot change the MLP layout on an existing Simulator")
+        outside = np.asarray(self.mapping.knots[0] if kind == "transfer" else rows[0],
+                             dtype=np.float64) - [echo.Z_REF, 0.0, 0.0]
+        # fields this mapping kind does not use keep their values (zeros from allocation)
+        fields, arrays = [self.table, self.chan_tissue, self.outside], [rows, chan, outside]
+        if kind == "transfer":
+            fields.append(self.tf)
+            arrays.append(np.asarray(self.mapping.knots, dtype=np.float64))
+        if kind == "mlp":
+            fields.append(self.mlp_w)
+            arrays.append(self.mapping.mlp.weights)
+        key = tuple(id(x) for x in fields)
+        up = getattr(self, "_mapping_uploader", None)
+        if up is None or tuple(id(x) for x in up.fields) != key:
+            up = self._mapping_uploader = Uploader(fields)
+        up(*[np.asarray(a).astype(np.int32 if a is chan else f) for a in arrays])
         self.update_acoustics()
 
     def set_outside(self, props) -> None:
         """Acoustic properties [MRayl, dB/cm/MHz, scattering] assumed outside the volume."""
         p = np.asarray(props, dtype=np.float64) - [echo.Z_REF, 0.0, 0.0]
         self.outside[None] = p.astype(self._np_real)
+        if self.props_cropped:
+            bg = np.asarray(self.mapping.knots[0] if self.mapping.kind == "transfer"
+                            else self.mapping.table_arrays(self.volume)[0][0], dtype=np.float64)
+            if not np.allclose(bg, props, rtol=1e-3, atol=1e-6):
+                log.warning("compact storage: props cover only the content box %s..%s of the "
+                            "volume and the empty margin now reads the outside value %s instead "
+                            "of the background %s; use storage='lean' for a different outside",
+                            self.props_origin, tuple(np.add(self.props_origin, self.props.shape)),
+                            np.round(np.asarray(props, float), 4).tolist(), np.round(bg, 4).tolist())
 
     def update_acoustics(self):
-        """Recompute the acoustic-property volume from the channels and mapping fields."""
-        if self.mapping.kind == "mlp":
+        """Recompute the acoustic-property volume from the channels and mapping fields
+        (lean/compact storage: from ``volume.channels``, :func:`property_volume.fill_props`)."""
+        if self.vol is None:
+            property_volume.fill_props(self)
+        elif self.mapping.kind == "mlp":
             from .mlp_mapping import mlp_kernel
 
             mlp_kernel(self.mapping.mlp)(self.vol, self.volume.intensity_index, self.gradT,
@@ -275,10 +336,12 @@ class Simulator:
         seeds = np.full(self.batch, int(self.settings.seed)) if seeds is None else np.asarray(seeds)
         if seeds.shape != (self.batch,) or not np.issubdtype(seeds.dtype, np.integer):
             raise ValueError(f"seeds must be {self.batch} integers, got {seeds!r}")
-        self.seeds.from_numpy((seeds.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32))
+        seeds = (seeds.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
         out = [self.volume.default_pose if p is None else p if isinstance(p, Pose)
                else Pose.from_vector(p) for p in poses]
-        self.pose.from_numpy(np.stack([p.as_vector() for p in out]).astype(self._np_real))
+        if getattr(self, "_pose_uploader", None) is None:
+            self._pose_uploader = Uploader([self.pose, self.seeds])   # one launch per frame
+        self._pose_uploader(np.stack([p.as_vector() for p in out]).astype(self._np_real), seeds)
         cov = {}
         for q in out:
             if id(q) not in cov:
@@ -388,13 +451,12 @@ class Simulator:
         off, w = image.elevation_planes(p, self._n_elev)
         self.elev_off = ti.field(real, shape=off.shape)
         self.elev_w = ti.field(real, shape=w.shape)
-        self.elev_off.from_numpy(off.astype(self._np_real))
-        self.elev_w.from_numpy(w.astype(self._np_real))
         ti_, tq, lw = self._taps
         c = image.speckle_power_factor(ti_, tq, lw, p.sample_spacing_mm, st.noise_cell_mm, w,
                                        image.line_spacing_mm(p))
         self._speckle_c = ti.field(real, shape=NS)      # per-depth expected speckle power
-        self._speckle_c.from_numpy(np.asarray(c).astype(self._np_real))
+        # uploaded with the other static fields by _upload_static (one kernel launch)
+        self._imaging_arrays = (off, w, np.broadcast_to(np.asarray(c, dtype=np.float64), (NS,)))
 
     def _k2h(self) -> float:
         """Round-trip wavenumber 2k = 4 pi / wavelength times the scatterer cell (rad)."""
@@ -641,15 +703,15 @@ class Simulator:
             table = np.asarray(table, dtype=np.float64)
             self.table.from_numpy(table.astype(self._np_real))
             if self.mapping.kind == "tissue":
-                self.set_outside(table[0])
                 self.mapping.overrides.update({n: tuple(map(float, row))
                                                for n, row in zip(self.table_names, table)})
+                self.set_outside(table[0])
         if knots is not None:
             knots = np.asarray(knots, dtype=np.float64)
             self.tf.from_numpy(knots.astype(self._np_real))
             if self.mapping.kind == "transfer":
-                self.set_outside(knots[0])
                 self.mapping.knots = knots.copy()
+                self.set_outside(knots[0])
         if mlp is not None:
             if self.mapping.kind != "mlp":
                 raise ValueError("set_mapping_params(mlp=...) needs an 'mlp' mapping")

@@ -1,0 +1,115 @@
+"""Fill several Taichi fields from NumPy arrays in one kernel launch.
+
+``field.from_numpy`` compiles (or, with a warm offline cache, still parses and loads) one kernel
+per destination field, because the field is a template argument: a Simulator with ~15 small
+static fields paid ~15 kernel preparations at start-up. :class:`Uploader` packs the arrays of a
+fixed group of fields into one float and one int32 buffer and writes every field in a single
+kernel (one preparation per group), with the same values as ``from_numpy`` (the arrays are cast
+to the field dtype in NumPy first, as ``from_numpy`` callers here always did).
+
+No ``from __future__ import annotations`` here: the module holds a Taichi kernel.
+"""
+import numpy as np
+import taichi as ti
+from taichi.lang.matrix import MatrixField
+
+_INT_TYPES = (ti.i8, ti.i16, ti.i32, ti.i64, ti.u8, ti.u16, ti.u32, ti.u64)
+
+
+def _np_dtype(dt):
+    return {ti.f16: np.float16, ti.f32: np.float32, ti.f64: np.float64, ti.i32: np.int32}.get(dt)
+
+
+@ti.kernel
+def _fill(dsts: ti.template(), meta: ti.template(), fbuf: ti.types.ndarray(ndim=1),
+          ibuf: ti.types.ndarray(ndim=1)):
+    """meta[d] = (is_int, n, m, offset, strides): field d has n x m components per element
+    (1 x 1 scalar, n x 1 vector, n x m matrix), row-major element strides, and its values
+    start at ``offset`` of ``ibuf`` (is_int) or ``fbuf``."""
+    for d in ti.static(range(len(dsts))):
+        f = ti.static(dsts[d])
+        isint, n, m, off, strides = ti.static(meta[d][0], meta[d][1], meta[d][2], meta[d][3],
+                                              meta[d][4])
+        if ti.static(len(strides) == 0):                       # 0-D field
+            for _ in range(1):
+                for a, b in ti.static(ti.ndrange(n, m)):
+                    v = ibuf[off + a * m + b] if ti.static(isint) else fbuf[off + a * m + b]
+                    if ti.static(f.__class__.__name__ == "MatrixField" and m > 1):
+                        f[None][a, b] = ti.cast(v, f.dtype)
+                    elif ti.static(f.__class__.__name__ == "MatrixField"):
+                        f[None][a] = ti.cast(v, f.dtype)
+                    else:
+                        f[None] = ti.cast(v, f.dtype)
+        else:
+            for I in ti.grouped(f):
+                lin = 0
+                for k in ti.static(range(len(strides))):
+                    lin += I[k] * strides[k]
+                base = off + lin * (n * m)
+                for a, b in ti.static(ti.ndrange(n, m)):
+                    v = ibuf[base + a * m + b] if ti.static(isint) else fbuf[base + a * m + b]
+                    if ti.static(f.__class__.__name__ == "MatrixField" and m > 1):
+                        f[I][a, b] = ti.cast(v, f.dtype)
+                    elif ti.static(f.__class__.__name__ == "MatrixField"):
+                        f[I][a] = ti.cast(v, f.dtype)
+                    else:
+                        f[I] = ti.cast(v, f.dtype)
+
+
+class Uploader:
+    """``Uploader([f1, f2, ...])(a1, a2, ...)``: fi.from_numpy(ai) for all i in one launch.
+
+    Arrays may be any numeric dtype; they are cast to each field's dtype in NumPy (``astype``,
+    like ``from_numpy`` of a pre-cast array) and must have the field's full shape (element shape
+    appended for vector/matrix fields). Float fields of one group must share one dtype."""
+
+    def __init__(self, fields):
+        self.fields = tuple(fields)
+        meta, self._shapes, self._int = [], [], []
+        fo = io = 0
+        fdt = set()
+        for f in self.fields:
+            shape = tuple(f.shape)
+            if isinstance(f, MatrixField):
+                n, m = int(f.n), int(f.m)
+                el = (n,) if getattr(f, "ndim", 2) == 1 else (n, m)
+            else:
+                n, m, el = 1, 1, ()
+            isint = f.dtype in _INT_TYPES
+            if isint and f.dtype != ti.i32:
+                raise TypeError(f"Uploader: integer fields must be i32, got {f.dtype}")
+            if not isint:
+                fdt.add(f.dtype)
+            strides, s = [], 1
+            for d in reversed(shape):
+                strides.insert(0, s)
+                s *= int(d)
+            size = s * n * m
+            meta.append((int(isint), n, m, io if isint else fo, tuple(strides)))
+            if isint:
+                io += size
+            else:
+                fo += size
+            self._shapes.append(shape + el)
+            self._int.append(isint)
+        if len(fdt) > 1:
+            raise TypeError(f"Uploader: float fields of one group must share a dtype, got {fdt}")
+        self._fdtype = _np_dtype(fdt.pop()) if fdt else np.float32
+        if self._fdtype is None:
+            raise TypeError("Uploader: unsupported float field dtype")
+        self.meta = tuple(meta)
+        self._fbuf = np.zeros(max(fo, 1), self._fdtype)
+        self._ibuf = np.zeros(max(io, 1), np.int32)
+
+    def __call__(self, *arrays) -> None:
+        if len(arrays) != len(self.fields):
+            raise ValueError(f"Uploader: {len(self.fields)} fields but {len(arrays)} arrays")
+        fb, ib = self._fbuf, self._ibuf
+        for a, shape, isint, (_, n, m, off, _) in zip(arrays, self._shapes, self._int, self.meta):
+            a = np.asarray(a)
+            if a.shape != shape:
+                raise ValueError(f"Uploader: array shape {a.shape} != field shape {shape}")
+            size = int(np.prod(shape, dtype=np.int64))
+            (ib if isint else fb)[off:off + size] = a.astype(ib.dtype if isint else fb.dtype,
+                                                             copy=False).reshape(-1)
+        _fill(self.fields, self.meta, fb, ib)
