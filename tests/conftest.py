@@ -38,6 +38,17 @@ def cpu32():
     yield "cpu"
 
 
+@pytest.fixture(scope="session")
+def phantom_volume():
+    """The built-in 'phantom' head as a Volume, built once per session: it is made procedurally
+    on every load_volume("phantom") (seconds each), and a Volume holds NumPy arrays only, so it
+    outlives Taichi re-initialisations. Tests pass it to Simulator / PoseSearch in place of the
+    name and must not modify it."""
+    from diffus_taichi.volume import load_volume
+
+    return load_volume("phantom")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

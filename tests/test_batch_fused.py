@@ -20,13 +20,38 @@ def _probe(kind="craniotomy"):
     return get_probe(kind, n_lines=48, n_samples=160, image_px=(80, 72))
 
 
+# Simulators shared by the tests of this module that build the same configuration (a
+# Simulator's kernels are compiled for its own fields: building one costs seconds of JIT, a
+# render at this size milliseconds). Tests only set poses on them, or change a display setting
+# and put it back. Valid while the Taichi runtime that built them lives (an arch or precision
+# switch, ti.reset, starts a new one; detected by identity).
+_SIMS = {}
+
+
+def _shared_sim(arch, precision, kind="craniotomy", **settings):
+    from taichi.lang import impl
+
+    from diffus_taichi import backend
+
+    backend.ensure(arch, precision)
+    rt = impl.get_runtime()
+    key = (arch, precision, kind, tuple(sorted(settings.items())))
+    hit = _SIMS.get(key)
+    if hit is None or hit[0] is not rt:
+        if any(r is not rt for r, _ in _SIMS.values()):
+            _SIMS.clear()                 # fields of a finished runtime
+        _SIMS[key] = (rt, Simulator("brain", probe=_probe(kind), arch=arch, precision=precision,
+                                    **settings))
+    return _SIMS[key][1]
+
+
 @pytest.mark.parametrize("settings", [dict(), dict(speckle="mean"), dict(speckle=False),
                                       dict(elevation_planes=3), dict(kind="linear")],
                          ids=["coherent", "mean", "off", "elev3", "linear"])
 def test_fused_equals_staged_f64(cpu64, settings):
+    sim = _shared_sim("cpu", "f64", **settings)
     settings = dict(settings)
-    sim = Simulator("brain", probe=_probe(settings.pop("kind", "craniotomy")), arch="cpu",
-                    precision="f64", **settings)
+    settings.pop("kind", None)
     for P in _poses(sim, 2):
         sim.set_pose(P)
         sim.forward_fused()
@@ -38,8 +63,26 @@ def test_fused_equals_staged_f64(cpu64, settings):
         np.testing.assert_allclose(a, b, atol=1e-11, rtol=0)
 
 
+@pytest.mark.parametrize("settings", [dict(), dict(elevation_planes=3), dict(speckle="mean")],
+                         ids=["coherent", "elev3", "mean"])
+def test_numpy_reference_equals_render_f64(cpu64, settings):
+    """An independent vectorised NumPy implementation of the whole primary pipeline
+    (benchmarks/reference_numpy.py) gives the fused render to f64 rounding."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from reference_numpy import render_primary_numpy
+
+    sim = _shared_sim("cpu", "f64", **settings)     # the Simulator of test_fused_equals_staged_f64
+    P = _poses(sim, 1, seed=6)[0]
+    a = sim.render(P)
+    assert a.std() > 0.05
+    np.testing.assert_allclose(render_primary_numpy(sim, P), a, atol=1e-9, rtol=0)
+
+
 def test_fused_equals_staged_f32_every_backend(arch):
-    sim = Simulator("brain", probe=_probe(), arch=arch)
+    sim = _shared_sim(arch, "f32")
     for P in _poses(sim, 2, seed=1):
         sim.set_pose(P)
         sim.forward_fused()
@@ -49,6 +92,11 @@ def test_fused_equals_staged_f32_every_backend(arch):
         assert np.abs(a - b).max() < 2e-5, (arch, np.abs(a - b).max())
 
 
+# The two f64 gradient tests below build their own Simulators right after an arch switch
+# (ti.reset), where they were before: Taichi's offline-cache keys include the SNode ids, which
+# restart at a reset, so a Simulator built first in a fresh runtime can reuse kernels compiled
+# for the same configuration earlier in the run, whereas built later in a shared runtime it
+# compiles everything again (measured: test_pose_jacobian_matches_reverse_mode 9 s -> 42 s).
 def test_render_uses_fused_outside_tape_and_staged_inside(cpu64):
     """render() (fused) and value_and_grad (staged, under the Tape) see the same image."""
     sim = Simulator("brain", probe=_probe(), arch="cpu", precision="f64", requires_grad="pose")
@@ -60,23 +108,25 @@ def test_render_uses_fused_outside_tape_and_staged_inside(cpu64):
     assert g["pose"].shape == (6,)
 
 
-@pytest.mark.parametrize("path", ["fused", "staged"])
-def test_batch_equals_single_renders(arch, path):
+def test_batch_equals_single_renders(arch):
+    """A batch of B poses, rendered by the fused and by the staged path, equals B single renders
+    (both paths on one batched Simulator: it allocates the staged fields on first use)."""
     B = 3
-    single = Simulator("brain", probe=_probe(), arch=arch)
+    single = _shared_sim(arch, "f32")
     batched = Simulator("brain", probe=_probe(), arch=arch, batch=B, share_volume_with=single)
     poses = _poses(single, B, seed=3)
     ref = np.stack([single.render(P) for P in poses])
-    batched.set_poses(poses)
-    getattr(batched, "forward_" + path)()
-    out = batched.fan.to_numpy()
-    assert out.shape == (B,) + tuple(_probe().image_px)
-    for b in range(B):   # frames differ from each other, and each equals its single render
-        assert np.abs(out[b] - out[(b + 1) % B]).mean() > 0.02
-        assert np.abs(out[b] - ref[b]).max() < 2e-5, (arch, path, b, np.abs(out[b] - ref[b]).max())
-    # render_batch also takes an array (B, 6)
-    out2 = batched.render_batch(np.stack([P.as_vector() for P in poses]))
-    np.testing.assert_array_equal(out2, batched.fan.to_numpy())
+    for path in ("fused", "staged"):
+        batched.set_poses(poses)
+        getattr(batched, "forward_" + path)()
+        out = batched.fan.to_numpy()
+        assert out.shape == (B,) + tuple(_probe().image_px)
+        for b in range(B):   # frames differ from each other, and each equals its single render
+            assert np.abs(out[b] - out[(b + 1) % B]).mean() > 0.02, (path, b)
+            assert np.abs(out[b] - ref[b]).max() < 2e-5, (arch, path, b, np.abs(out[b] - ref[b]).max())
+        # render_batch also takes an array (B, 6)
+        out2 = batched.render_batch(np.stack([P.as_vector() for P in poses]))
+        np.testing.assert_array_equal(out2, batched.fan.to_numpy())
 
 
 def test_batch_of_identical_poses_has_identical_frames(cpu32):
@@ -127,29 +177,17 @@ def test_pose_jacobian_matches_reverse_mode(cpu64):
         sim.pose_jacobian(P, step_mm=0.0)
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(elevation_planes=3), dict(speckle="mean")],
-                         ids=["coherent", "elev3", "mean"])
-def test_numpy_reference_equals_render_f64(cpu64, settings):
-    """An independent vectorised NumPy implementation of the whole primary pipeline
-    (benchmarks/reference_numpy.py) gives the fused render to f64 rounding."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from reference_numpy import render_primary_numpy
-
-    sim = Simulator("brain", probe=_probe(), arch="cpu", precision="f64", **settings)
-    P = _poses(sim, 1, seed=6)[0]
-    a = sim.render(P)
-    assert a.std() > 0.05
-    np.testing.assert_allclose(render_primary_numpy(sim, P), a, atol=1e-9, rtol=0)
-
-
 @pytest.mark.parametrize("loss", ["ncc", "lc2"])
 def test_loss_batch_equals_loss(cpu32, loss):
     """loss_batch (renders 4 at a time, last batch padded) == loss() pose by pose; used by the
     pose search's start screening."""
-    sim = Simulator("brain", probe=_probe(), arch="cpu", requires_grad="pose")
+    from taichi.lang import impl
+
+    # one Simulator (and its batch-4 sibling) for both losses: set_loss replaces the target
+    rt = impl.get_runtime()
+    if _SIMS.get("loss_batch", (None,))[0] is not rt:
+        _SIMS["loss_batch"] = (rt, Simulator("brain", probe=_probe(), arch="cpu", requires_grad="pose"))
+    sim = _SIMS["loss_batch"][1]
     poses = _poses(sim, 6, seed=7)
     sim.set_loss(sim.render(poses[0]), loss, blur_px=1.0 if loss == "ncc" else 0.0)
     one = np.array([sim.loss(P) for P in poses])

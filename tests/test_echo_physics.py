@@ -121,45 +121,56 @@ def _weighted_sum(a: ti.template(), w: ti.template(), loss: ti.template()):
         loss[None] += w[r, s] * a[r, s]
 
 
-def _echo_loss(z, alpha, w1, w2, model, grad=True):
-    """loss = sum(w1 * echo + w2 * gain) through the kernels used by the Simulator; returns
-    (loss, dloss/dz, dloss/dalpha)."""
-    prec = backend.current()[1]
-    real = ti.f64 if prec == "f64" else ti.f32
-    npr = np.float64 if prec == "f64" else np.float32
+class _EchoLoss:
+    """loss = sum(w1 * echo + w2 * gain) through the kernels used by the Simulator, on fields
+    allocated once (a finite-difference check then compiles the kernels once, not once per
+    evaluation); __call__(z, alpha, grad) returns (loss, dloss/dz, dloss/dalpha)."""
 
-    def f(a=None):
-        fld = ti.field(real, shape=z.shape, needs_grad=True)
-        if a is not None:
-            fld.from_numpy(np.asarray(a, dtype=npr))
-        return fld
+    def __init__(self, shape, w1, w2, model):
+        prec = backend.current()[1]
+        real = ti.f64 if prec == "f64" else ti.f32
+        self.npr = np.float64 if prec == "f64" else np.float32
+        self.model = model
 
-    zf, af, cf = f(z - echo.Z_REF), f(alpha), f(np.ones_like(z))   # kernels take Z - Z_REF
-    w1f, w2f = f(w1), f(w2)
-    logt, att2, cum, ech, gain = f(), f(), f(), f(), f()
-    ret, tr2 = f(), f()
-    sR, sRp, sP = (ti.field(real, shape=z.shape) for _ in range(3))
-    loss = ti.field(real, shape=(), needs_grad=True)
+        def f(a=None):
+            fld = ti.field(real, shape=shape, needs_grad=True)
+            if a is not None:
+                fld.from_numpy(np.asarray(a, dtype=self.npr))
+            return fld
 
-    def run():
-        echo.step_terms(zf, af, 0.03, logt, att2)
-        if model == "layered":
-            echo.exclusive_cumsum(att2, cum)
-            echo.layered_stack(zf, ret, tr2, sR, sRp, sP)
-            echo.layered_combine(ret, tr2, cum, ech, gain)
+        self.zf, self.af, self.cf = f(), f(), f(np.ones(shape))
+        self.w1f, self.w2f = f(w1), f(w2)
+        self.logt, self.att2, self.cum, self.ech, self.gain = f(), f(), f(), f(), f()
+        self.ret, self.tr2 = f(), f()
+        self.sR, self.sRp, self.sP = (ti.field(real, shape=shape) for _ in range(3))
+        self.loss = ti.field(real, shape=(), needs_grad=True)
+
+    def _run(self):
+        echo.step_terms(self.zf, self.af, 0.03, self.logt, self.att2)
+        if self.model == "layered":
+            echo.exclusive_cumsum(self.att2, self.cum)
+            echo.layered_stack(self.zf, self.ret, self.tr2, self.sR, self.sRp, self.sP)
+            echo.layered_combine(self.ret, self.tr2, self.cum, self.ech, self.gain)
         else:
-            echo.exclusive_cumsum(logt, cum)
-            echo.primary_combine(zf, cf, cum, ech, gain)
-        _weighted_sum(ech, w1f, loss)
-        _weighted_sum(gain, w2f, loss)
+            echo.exclusive_cumsum(self.logt, self.cum)
+            echo.primary_combine(self.zf, self.cf, self.cum, self.ech, self.gain)
+        _weighted_sum(self.ech, self.w1f, self.loss)
+        _weighted_sum(self.gain, self.w2f, self.loss)
 
-    if grad:
-        with ti.ad.Tape(loss=loss):
-            run()
-        return loss[None], zf.grad.to_numpy(), af.grad.to_numpy()
-    loss[None] = 0
-    run()
-    return loss[None], None, None
+    def __call__(self, z, alpha, grad=True):
+        self.zf.from_numpy(np.asarray(z - echo.Z_REF, dtype=self.npr))   # kernels take Z - Z_REF
+        self.af.from_numpy(np.asarray(alpha, dtype=self.npr))
+        if grad:
+            with ti.ad.Tape(loss=self.loss):
+                self._run()
+            return self.loss[None], self.zf.grad.to_numpy(), self.af.grad.to_numpy()
+        self.loss[None] = 0
+        self._run()
+        return self.loss[None], None, None
+
+
+def _echo_loss(z, alpha, w1, w2, model, grad=True):
+    return _EchoLoss(z.shape, w1, w2, model)(z, alpha, grad)
 
 
 def _problem(rng, R=3, S=40):
@@ -171,15 +182,16 @@ def _problem(rng, R=3, S=40):
 @pytest.mark.parametrize("model", ["primary", "layered"])
 def test_backward_matches_finite_differences_f64(cpu64, rng, model):
     z, alpha, w1, w2 = _problem(rng)
-    _, gz, ga = _echo_loss(z, alpha, w1, w2, model)
+    f = _EchoLoss(z.shape, w1, w2, model)      # one set of fields: the kernels compile once
+    _, gz, ga = f(z, alpha)
     h = 1e-6
     for arr, g in ((z, gz), (alpha, ga)):
         for (r, s) in [(0, 0), (1, 5), (2, 17), (0, 38), (1, 39), (2, 20)]:
             old = arr[r, s]
             arr[r, s] = old + h
-            lp, _, _ = _echo_loss(z, alpha, w1, w2, model, grad=False)
+            lp, _, _ = f(z, alpha, grad=False)
             arr[r, s] = old - h
-            lm, _, _ = _echo_loss(z, alpha, w1, w2, model, grad=False)
+            lm, _, _ = f(z, alpha, grad=False)
             arr[r, s] = old
             fd = (lp - lm) / (2 * h)
             assert abs(g[r, s] - fd) <= 1e-5 * max(1.0, abs(fd)), (model, r, s, g[r, s], fd)

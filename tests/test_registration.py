@@ -73,12 +73,12 @@ def test_load_target_image_formats(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def phantom_search():
+def phantom_search(phantom_volume):
     from diffus_taichi import backend
 
     backend.ensure("cpu", "f32")
     levels = [Level(0.5, 1.0, 60, "mean", 1.0), Level(1.0, 1.0, 60, "mean", 0.3)]
-    return PoseSearch("phantom", SMALL, levels=levels, n_starts=1, arch="cpu")
+    return PoseSearch(phantom_volume, SMALL, levels=levels, n_starts=1, arch="cpu")
 
 
 def test_phantom_search_converges(phantom_search):

@@ -160,9 +160,9 @@ def test_speckle_fixed_in_tissue_when_probe_slides(cpu32):
 
 
 # ---------------------------------------------------------------------------------------------
-def test_fan_looks_like_ultrasound(cpu32):
+def test_fan_looks_like_ultrasound(cpu32, phantom_volume):
     probe = get_probe("craniotomy", n_lines=128, n_samples=256, image_px=(128, 128))
-    sim = Simulator("phantom", probe=probe, arch="cpu")
+    sim = Simulator(phantom_volume, probe=probe, arch="cpu")
     fan = sim.render()
     _, _, inside = probe.scan_grid()
     assert np.all(fan[~inside] == 0.0)                   # black outside the sector
@@ -175,22 +175,22 @@ def test_fan_looks_like_ultrasound(cpu32):
     assert 0.4 < env.std() < 0.75
 
 
-def _render_all_models(arch):
+def _render_all_models(arch, volume):
     probe = get_probe("craniotomy", n_lines=96, n_samples=192, image_px=(128, 128))
     out = {}
     for model in ("primary", "layered", "reverb"):
-        sim = Simulator("phantom", probe=probe, arch=arch, echo_model=model)
+        sim = Simulator(volume, probe=probe, arch=arch, echo_model=model)
         out[model] = sim.render()
     return out
 
 
-def test_cpu_and_vulkan_images_agree():
+def test_cpu_and_vulkan_images_agree(phantom_volume):
     if not backend.arch_supported("vulkan"):
         pytest.skip("vulkan unavailable")
     backend.ensure("cpu", "f32")
-    ref = _render_all_models("cpu")
+    ref = _render_all_models("cpu", phantom_volume)
     backend.ensure("vulkan", "f32")
-    got = _render_all_models("vulkan")
+    got = _render_all_models("vulkan", phantom_volume)
     for model in ref:
         err = np.abs(ref[model] - got[model]).max() / np.abs(ref[model]).max()
         assert err <= 1e-4, (model, err)

@@ -83,6 +83,13 @@ def _reverb_loss(z, alpha, w, grad=True, checkpoint_steps=None):
     return _ReverbLoss(z.shape, w, checkpoint_steps, grad)(z, alpha, grad)
 
 
+def _checkpointed_trace(z, alpha, w, checkpoint_steps):
+    """Trace of the grad-enabled forward (scratch with grad=True: the forward kernel saves the
+    checkpoints the backward replays) run without a Tape, so that no backward kernel is compiled
+    for a check of the forward values."""
+    return _ReverbLoss(z.shape, w, checkpoint_steps, grad=True)(z, alpha, grad=False)[3]
+
+
 def _problem(rng, R=3, S=40):
     z = rng.uniform(1.3, 2.2, size=(R, S))
     alpha = rng.uniform(0.1, 1.5, size=(R, S))
@@ -100,8 +107,7 @@ def test_forward_matches_original_recursion(cpu64, rng, S):
     assert np.abs(e - ref).max() <= 1e-13
     # the grad-enabled forward (checkpoints saved) computes the same trace
     for C in (None, 1, 5, 1000):
-        _, _, _, tr = _reverb_loss(z, alpha, w, grad=True, checkpoint_steps=C)
-        assert np.array_equal(tr, e)
+        assert np.array_equal(_checkpointed_trace(z, alpha, w, C), e)
 
 
 def test_forward_three_layers_first_arrivals(arch):
@@ -111,8 +117,7 @@ def test_forward_three_layers_first_arrivals(arch):
     ra, rb = (z1 - z0) / (z1 + z0), (z2 - z1) / (z2 + z1)
     expect = {a: ra, b: (1 + ra) * (1 - ra) * rb, 2 * b - a: (1 + ra) * rb * (-ra) * rb * (1 - ra)}
     # through the differentiable wrapper with checkpoints (grad scratch), not just echo_profiles
-    _, _, _, tr = _reverb_loss(z, np.zeros_like(z), np.ones_like(z), grad=True, checkpoint_steps=8)
-    tr = tr[0]
+    tr = _checkpointed_trace(z, np.zeros_like(z), np.ones_like(z), 8)[0]
     for t, amp in expect.items():
         assert abs(tr[t] - amp) < 1e-5 * max(1.0, abs(amp)) + 1e-7, (t, tr[t], amp)
     assert np.abs(np.delete(tr, list(expect))[: 2 * b - a - 2]).max() < 1e-7
@@ -188,12 +193,26 @@ def test_backward_independent_of_checkpoint_interval(cpu64, rng):
         assert np.abs(ga - ga0).max() <= 1e-12 * np.abs(ga0).max()
 
 
-@pytest.mark.parametrize("S,C", [(40, None), (100, 32)])
-def test_backward_f32_matches_cpu_f64(arch, rng, S, C):
-    z, alpha, w = _problem(rng, S=S)
-    _, gz32, ga32, _ = _reverb_loss(z, alpha, w, checkpoint_steps=C)
+F32_CASES = [(40, None), (100, 32)]
+
+
+@pytest.fixture(scope="module")
+def ref64():
+    """CPU-f64 gradients of the F32_CASES problems (the data of the rng fixture), computed once
+    and shared by every f32 backend."""
     backend.ensure("cpu", "f64")
-    _, gz64, ga64, _ = _reverb_loss(z, alpha, w, checkpoint_steps=C)
+    out = {}
+    for S, C in F32_CASES:
+        z, alpha, w = _problem(np.random.default_rng(1234), S=S)
+        _, gz64, ga64, _ = _reverb_loss(z, alpha, w, checkpoint_steps=C)
+        out[S, C] = (z, alpha, w, gz64, ga64)
+    return out
+
+
+@pytest.mark.parametrize("S,C", F32_CASES)
+def test_backward_f32_matches_cpu_f64(ref64, arch, S, C):
+    z, alpha, w, gz64, ga64 = ref64[S, C]
+    _, gz32, ga32, _ = _reverb_loss(z, alpha, w, checkpoint_steps=C)
     for a, b in ((gz32, gz64), (ga32, ga64)):
         assert np.all(np.isfinite(a))
         assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
@@ -208,9 +227,9 @@ def _fan_loss(fan: ti.template(), wt: ti.template(), loss: ti.template()):
         loss[None] += wt[i, j] * fan[i, j] * fan[i, j]
 
 
-def test_simulator_reverb_tape_runs(cpu32, rng, monkeypatch):
+def test_simulator_reverb_tape_runs(cpu32, rng, monkeypatch, phantom_volume):
     probe = get_probe("craniotomy", n_lines=32, n_samples=96, image_px=(64, 64))
-    sim = Simulator("phantom", probe=probe, echo_model="reverb", arch="cpu", requires_grad=True)
+    sim = Simulator(phantom_volume, probe=probe, echo_model="reverb", arch="cpu", requires_grad=True)
     sim.set_pose()
     wt = ti.field(sim.real, shape=sim.fan.shape)
     wt.from_numpy(rng.uniform(0.5, 1.5, size=sim.fan.shape).astype(np.float32))
