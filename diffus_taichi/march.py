@@ -156,23 +156,27 @@ def cell_phasors(d, k2h):
 
 
 @ti.func
+def _lattice_cell(x, inv_cell_mm, seed):
+    """Fractional position f (3,) of world x (mm) in its scatterer-lattice cell (i, j, k) and the
+    hash products i A, j B, k C, seed D (u32, HASH_MUL) of that cell."""
+    q = x * inv_cell_mm + ti.Vector(LATTICE_SHIFT)
+    f0 = ti.floor(q)
+    i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
+    return (q - f0, ti.cast(i, ti.u32) * ti.u32(HASH_MUL[0]), ti.cast(j, ti.u32) * ti.u32(HASH_MUL[1]),
+            ti.cast(k, ti.u32) * ti.u32(HASH_MUL[2]), ti.cast(seed, ti.u32) * ti.u32(HASH_MUL[3]))
+
+
+@ti.func
 def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
     """Complex sum (I, Q) of the tissue-fixed scatterers of the 8 lattice cells around world x
     (mm) seen along unit direction d: sum_j w_j A_j exp(-i 2k (c_j - x).d), w_j the trilinear
     weights of x, c_j the cell's lattice point, A_j = a_j + i b_j its hashed complex amplitude
     (a, b zero-mean, independent, E|A|^2 = 1; its phase places the scatterer at a random
     sub-wavelength depth along the beam). k2h = 2k * cell_mm (rad); P = cell_phasors(d, k2h)."""
-    q = x * inv_cell_mm + ti.Vector(LATTICE_SHIFT)
-    f0 = ti.floor(q)
-    i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
-    f = q - f0
+    f, hx0, hy0, hz0, hs = _lattice_cell(x, inv_cell_mm, seed)
     bc, bs = fast_cos_sin(k2h * f.dot(d))
     # lattice hash (HASH_MUL) of the 8 cells, the per-axis products formed once (wrap-around
     # arithmetic: (i + 1) A = i A + A); a = bytes 0-1, b = bytes 2-3 of the one hash per cell
-    hx0 = ti.cast(i, ti.u32) * ti.u32(HASH_MUL[0])
-    hy0 = ti.cast(j, ti.u32) * ti.u32(HASH_MUL[1])
-    hz0 = ti.cast(k, ti.u32) * ti.u32(HASH_MUL[2])
-    hs = ti.cast(seed, ti.u32) * ti.u32(HASH_MUL[3])
     hx = (hx0, hx0 + ti.u32(HASH_MUL[0]))
     hy = (hy0, hy0 + ti.u32(HASH_MUL[1]))
     hz = (hz0 ^ hs, (hz0 + ti.u32(HASH_MUL[2])) ^ hs)
@@ -212,6 +216,31 @@ def elevation_axes(ro: ti.template(), rd: ti.template(), w2v: ti.template(), ey:
                             M[2, 0] * e[0] + M[2, 1] * e[1] + M[2, 2] * e[2]])
 
 
+@ti.func
+def channels_to_props(ch, n_ch: ti.template(), table: ti.template(), chan_tissue: ti.template(),
+                      tf: ti.template(), tf_chan: ti.template()):
+    """One voxel's channels ch (n_ch,) -> [Z - Z_REF (MRayl), alpha dB/cm/MHz, scattering] (3,)
+    (see :func:`acoustic_volume`)."""
+    prop = ti.Vector.zero(float, 3)
+    ref = ti.Vector([Z_REF, 0.0, 0.0])
+    if ti.static(tf_chan >= 0):
+        K = tf.shape[0]
+        x = ti.min(ti.max(ch[tf_chan], 0.0), 1.0) * (K - 1)
+        i = ti.min(ti.cast(ti.floor(x), ti.i32), K - 2)
+        f = x - i
+        for c in ti.static(range(3)):   # deviation first: (lo - ref) + f (hi - lo)
+            prop[c] = (tf[i, c] - ref[c]) + f * (tf[i + 1, c] - tf[i, c])
+    else:
+        for c in ti.static(range(3)):
+            prop[c] = table[0, c] - ref[c]
+        for c in ti.static(range(n_ch)):
+            t = chan_tissue[c]
+            if t >= 0:
+                prop += ch[c] * (ti.Vector([table[t, 0], table[t, 1], table[t, 2]])
+                                 - ti.Vector([table[0, 0], table[0, 1], table[0, 2]]))
+    return prop
+
+
 @ti.kernel
 def acoustic_volume(vol: ti.template(), table: ti.template(), chan_tissue: ti.template(),
                     tf: ti.template(), tf_chan: ti.template(), props: ti.template()):
@@ -220,25 +249,7 @@ def acoustic_volume(vol: ti.template(), table: ti.template(), chan_tissue: ti.te
     table (T, 3) rows with row 0 the background tissue; chan_tissue (C,) row per channel or -1;
     tf (K, 3) transfer-function knots, used instead of the table when tf_chan >= 0 (static)."""
     for I in ti.grouped(vol):
-        ch = ti.cast(vol[I], float)
-        prop = ti.Vector.zero(float, 3)
-        ref = ti.Vector([Z_REF, 0.0, 0.0])
-        if ti.static(tf_chan >= 0):
-            K = tf.shape[0]
-            x = ti.min(ti.max(ch[tf_chan], 0.0), 1.0) * (K - 1)
-            i = ti.min(ti.cast(ti.floor(x), ti.i32), K - 2)
-            f = x - i
-            for c in ti.static(range(3)):   # deviation first: (lo - ref) + f (hi - lo)
-                prop[c] = (tf[i, c] - ref[c]) + f * (tf[i + 1, c] - tf[i, c])
-        else:
-            for c in ti.static(range(3)):
-                prop[c] = table[0, c] - ref[c]
-            for c in ti.static(range(vol.n)):
-                t = chan_tissue[c]
-                if t >= 0:
-                    prop += ch[c] * (ti.Vector([table[t, 0], table[t, 1], table[t, 2]])
-                                     - ti.Vector([table[0, 0], table[0, 1], table[0, 2]]))
-        props[I] = prop
+        props[I] = channels_to_props(ti.cast(vol[I], float), vol.n, table, chan_tissue, tf, tf_chan)
 
 
 @ti.kernel
@@ -312,15 +323,8 @@ def _scatterer_sum_grad(P, R, x, d, inv_cell_mm, k2h, seed, lr, li):
     out = AMP S B, S = sum_j w_j A_j P_j, B = exp(i k2h f.d), so
     d out/d f = AMP (sum_j grad w_j A_j P_j) B + AMP S B' k2h d and
     d out/d d_i = AMP R_i (sum_{j_i = 1} w_j A_j P_j) B + AMP S B' k2h f_i."""
-    q = x * inv_cell_mm + ti.Vector(LATTICE_SHIFT)
-    f0 = ti.floor(q)
-    i, j, k = ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)
-    f = q - f0
+    f, hx0, hy0, hz0, hs = _lattice_cell(x, inv_cell_mm, seed)
     bc, bs, dbc, dbs = _poly_cos_sin_grad(k2h * f.dot(d))
-    hx0 = ti.cast(i, ti.u32) * ti.u32(HASH_MUL[0])
-    hy0 = ti.cast(j, ti.u32) * ti.u32(HASH_MUL[1])
-    hz0 = ti.cast(k, ti.u32) * ti.u32(HASH_MUL[2])
-    hs = ti.cast(seed, ti.u32) * ti.u32(HASH_MUL[3])
     hx = (hx0, hx0 + ti.u32(HASH_MUL[0]))
     hy = (hy0, hy0 + ti.u32(HASH_MUL[1]))
     hz = (hz0 ^ hs, (hz0 + ti.u32(HASH_MUL[2])) ^ hs)

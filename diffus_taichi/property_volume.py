@@ -34,7 +34,7 @@ import logging
 import numpy as np
 import taichi as ti
 
-from .echo import Z_REF
+from .march import channels_to_props
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +79,7 @@ def props_from_channels(ch: ti.types.ndarray(ndim=4), x0: int, y0: int, z0: int,
     cast to the dtype of ``props``."""
     for i, j, k in ti.ndrange(ch.shape[0], props.shape[1], props.shape[2]):
         c = ti.Vector([ti.cast(ch[i, y0 + j, z0 + k, q], float) for q in ti.static(range(n_ch))])
-        prop = ti.Vector.zero(float, 3)
-        ref = ti.Vector([Z_REF, 0.0, 0.0])
-        if ti.static(tf_chan >= 0):
-            K = tf.shape[0]
-            x = ti.min(ti.max(c[tf_chan], 0.0), 1.0) * (K - 1)
-            t = ti.min(ti.cast(ti.floor(x), ti.i32), K - 2)
-            f = x - t
-            for q in ti.static(range(3)):   # deviation first: (lo - ref) + f (hi - lo)
-                prop[q] = (tf[t, q] - ref[q]) + f * (tf[t + 1, q] - tf[t, q])
-        else:
-            for q in ti.static(range(3)):
-                prop[q] = table[0, q] - ref[q]
-            for q in ti.static(range(n_ch)):
-                t = chan_tissue[q]
-                if t >= 0:
-                    prop += c[q] * (ti.Vector([table[t, 0], table[t, 1], table[t, 2]])
-                                    - ti.Vector([table[0, 0], table[0, 1], table[0, 2]]))
+        prop = channels_to_props(c, n_ch, table, chan_tissue, tf, tf_chan)
         props[x0 + i, j, k] = ti.cast(prop, props.dtype)
 
 
