@@ -100,6 +100,22 @@ def patch_taichi_pos_info() -> str:
 patch_taichi_pos_info()
 
 
+# Taichi 1.7.4's CPU backend hands a range-for to its thread pool in tasks of up to ~512
+# iterations: a loop over 256 rays (samples serial inside) ran on one thread (measured: cpu time /
+# wall = 1.0 with 2 threads; the same loop over 2048 indices of which every 8th works: 1.86, half
+# the wall time). Per-ray kernels therefore loop over n_rays * pad indices on CPU.
+RAY_LOOP_MIN_ITERS = 8192
+
+
+def ray_loop_pad(n_rays: int) -> int:
+    """Index stride of the per-ray loops (``for rr in range(n_rays * pad)``, ray rr // pad, only
+    every pad-th index works): enough indices for every CPU thread to get several tasks; 1 on GPU
+    backends (one thread per ray already) and for large batches."""
+    if _state["arch"] != "cpu":
+        return 1
+    return max(1, -(-RAY_LOOP_MIN_ITERS // max(1, int(n_rays))))
+
+
 def arch_supported(name: str) -> bool:
     """True if Taichi can run kernels on backend ``name`` (cuda, vulkan or cpu) here."""
     from taichi.lang.misc import is_arch_supported

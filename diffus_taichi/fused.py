@@ -61,12 +61,17 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
                   k2h: float, seeds: ti.template(), elev_off: ti.template(), elev_w: ti.template(),
                   n_elev: ti.template(), mode: ti.template(), np_per_dbcm_step: float,
                   taps_i: ti.template(), taps_q: ti.template(), K: ti.template(),
-                  iq_i: ti.template(), iq_q: ti.template(), incoh: ti.template()):
+                  iq_i: ti.template(), iq_q: ti.template(), incoh: ti.template(),
+                  pad: ti.template()):
     """Axial I/Q (rays, samples) of the primary model from the rays (vo, vd, ro, rd, ey, eyv as
     march.march). mode (static): 0 coherent scatterers, 1 'mean' (writes incoh = two-way gain x
     scattering strength for the expected diffuse intensity), 2 'off'. np_per_dbcm_step: nepers
-    per (dB/cm/MHz) over one sample step."""
-    for r in range(iq_i.shape[0]):
+    per (dB/cm/MHz) over one sample step. pad (static): ray r = index // pad, only every pad-th
+    index works (backend.ray_loop_pad: spreads few rays over every CPU thread)."""
+    for rr in range(iq_i.shape[0] * pad):
+        if rr % pad != 0:
+            continue
+        r = rr // pad
         S = iq_i.shape[1]
         P = cell_phasors(rd[r], k2h)
         seed = seeds[r // (iq_i.shape[0] // seeds.shape[0])]     # this ray's frame

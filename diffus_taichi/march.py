@@ -259,8 +259,11 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                seeds: ti.template(), elev_off: ti.template(), elev_w: ti.template(),
                n_elev: ti.template(), noise_on: ti.template(),
                z: ti.template(), alpha: ti.template(), scat: ti.template(), scat_q: ti.template(),
-               cosw: ti.template()):
-    for r in range(z.shape[0]):          # rays in parallel, samples serial
+               cosw: ti.template(), pad: ti.template()):
+    for rr in range(z.shape[0] * pad):   # rays in parallel (backend.ray_loop_pad), samples serial
+        if rr % pad != 0:
+            continue
+        r = rr // pad
         P = cell_phasors(rd[r], k2h)
         seed = seeds[r // (z.shape[0] // seeds.shape[0])]
         ci = ti.Vector([-(1 << 30), 0, 0])           # voxel whose corners are cached
@@ -407,12 +410,15 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                seeds: ti.template(), elev_off: ti.template(), elev_w: ti.template(),
                n_elev: ti.template(), noise_on: ti.template(),
                z: ti.template(), alpha: ti.template(), scat: ti.template(), scat_q: ti.template(),
-               cosw: ti.template(), props_grad: ti.template()):
+               cosw: ti.template(), pad: ti.template(), props_grad: ti.template()):
     """Hand-written adjoint of :func:`_march_fwd`: per ray, the adjoints of the rays (vo, vd,
     ro, rd, ey, eyv) are summed over the samples in registers and written once (the automatic
     one added into them atomically for every sample: ~3x the forward's cost); with
     ``props_grad`` (static) also props.grad (atomically: rays share voxels)."""
-    for r in range(z.shape[0]):
+    for rr in range(z.shape[0] * pad):
+        if rr % pad != 0:
+            continue
+        r = rr // pad
         S = z.shape[1]
         d = rd[r]
         o, dv, ow, e_w, e_v = vo[r], vd[r], ro[r], ey[r], eyv[r]
@@ -531,24 +537,25 @@ def _has_grad(field) -> bool:
 
 @ti.ad.grad_replaced
 def march(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
-          elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw):
+          elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1):
     """Sample the acoustic-property volume at every (ray, sample).
 
     props (X, Y, Z) vec3 [MRayl, dB/cm/MHz, scattering]; outside () vec3 the background
     properties beyond the grid; gradT () 3x3 maps index-space gradients to world-mm gradients.
     noise_on (static): (scat, scat_q) = sum over the n_elev elevation planes of elev_w x the
     plane's scattering strength x :func:`scatterer_sum`; else scat = the strength alone, scat_q 0.
-    Rays in parallel, samples serial. Backward: :func:`_march_bwd` (hand-written).
+    Rays in parallel, samples serial; pad: index stride of the ray loop
+    (:func:`backend.ray_loop_pad`). Backward: :func:`_march_bwd` (hand-written).
     """
     _march_fwd(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
-               elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw)
+               elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad)
 
 
 @ti.ad.grad_for(march)
 def _march_grad(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
-                elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw):
+                elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1):
     _march_bwd(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
-               elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw,
+               elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad,
                _has_grad(props))
 
 

@@ -22,7 +22,7 @@ import taichi as ti
 
 from . import backend, echo, image, march, property_volume, rays, scan
 from .acoustics import AcousticMapping, get_mapping
-from .fieldio import Uploader
+from .fieldio import Uploader, clear_all_gradients
 from .pose import Pose
 from .probe import Probe, get_probe
 from .volume import Volume, load_volume
@@ -396,7 +396,8 @@ class Simulator:
                             self.eyv, self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
                             self._k2h(), self.seeds, self.elev_off, self.elev_w, self._n_elev,
                             fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
-                            self.iq_i, self.iq_q, self.env)   # env: scratch (gain x strength, 'mean')
+                            self.iq_i, self.iq_q, self.env,   # env: scratch (gain x strength, 'mean')
+                            backend.ray_loop_pad(self.iq_i.shape[0]))
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
                                    mode == "mean", self.env, self._speckle_c, s.gain_db, tgc,
@@ -412,7 +413,8 @@ class Simulator:
         march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
                     self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,
                     self.elev_off, self.elev_w, self._n_elev, coherent,
-                    self.z, self.alpha, self.scat, self.scat_q, self.cosw)
+                    self.z, self.alpha, self.scat, self.scat_q, self.cosw,
+                    backend.ray_loop_pad(self.z.shape[0]))
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         echo.step_terms(self.z, self.alpha, np_step, self.logt, self.att2)
         spec = self.echo
@@ -658,7 +660,8 @@ class Simulator:
             raise RuntimeError("no target: call set_loss(target, ...) or pass target=")
         self.set_pose(pose)
         self.loss_fn.reset()
-        with ti.ad.Tape(loss=self.loss_fn.value):
+        clear_all_gradients()            # one launch (the Tape's own clear: one per field)
+        with ti.ad.Tape(loss=self.loss_fn.value, clear_gradients=False):
             if "mapping" in wrt:
                 self.update_acoustics()
             self.forward()
@@ -678,7 +681,8 @@ class Simulator:
             self._vjp_out = ti.field(self.real, shape=(), needs_grad=True)
         self._vjp_w.from_numpy(fan_grad)
         self.set_pose(pose)
-        with ti.ad.Tape(loss=self._vjp_out):
+        clear_all_gradients()
+        with ti.ad.Tape(loss=self._vjp_out, clear_gradients=False):
             if "mapping" in wrt:
                 self.update_acoustics()
             self.forward()
