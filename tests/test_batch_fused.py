@@ -194,3 +194,37 @@ def test_loss_batch_equals_loss(cpu32, loss):
     many = sim.loss_batch(poses, batch=4)
     assert one[0] < one[1:].min()              # the target pose scores best
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_ray_loops_equal_plain_ones(cpu32):
+    """The per-ray kernels iterate over n_rays x pad indices on CPU (backend.ray_loop_pad, so
+    that Taichi spreads few rays over every thread); every pad must give the pad=1 result."""
+    from diffus_taichi import backend, echo, fused, march
+
+    sim = _shared_sim("cpu", "f32")
+    nr = sim.iq_i.shape[0]
+    assert backend.ray_loop_pad(nr) * nr >= backend.RAY_LOOP_MIN_ITERS
+    assert backend.ray_loop_pad(10 ** 6) == 1
+    sim.set_pose(_poses(sim, 1, seed=5)[0])
+    sim._rays()
+    p, s = sim.probe, sim.settings
+    np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
+    out = []
+    for pad in (1, 7):
+        fused.march_echo_iq(sim.props, sim.outside, sim.vo, sim.vd, sim.ro, sim.rd, sim.ey,
+                            sim.eyv, sim.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
+                            sim._k2h(), sim.seeds, sim.elev_off, sim.elev_w, sim._n_elev, 0,
+                            np_step, sim.taps_i, sim.taps_q, sim.K, sim.iq_i, sim.iq_q, sim.env,
+                            pad)
+        out.append(np.stack([sim.iq_i.to_numpy(), sim.iq_q.to_numpy()]))
+    assert np.abs(out[0]).max() > 0
+    np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-6 * np.abs(out[0]).max())
+    sim._alloc_staged()
+    got = []
+    for pad in (1, 5):
+        march.march(sim.props, sim.outside, sim.vo, sim.vd, sim.ro, sim.rd, sim.ey, sim.eyv,
+                    sim.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, sim._k2h(), sim.seeds,
+                    sim.elev_off, sim.elev_w, sim._n_elev, True, sim.z, sim.alpha, sim.scat,
+                    sim.scat_q, sim.cosw, pad)
+        got.append(np.stack([f.to_numpy() for f in (sim.z, sim.alpha, sim.scat, sim.scat_q, sim.cosw)]))
+    np.testing.assert_allclose(got[1], got[0], rtol=0, atol=1e-6 * np.abs(got[0]).max())
