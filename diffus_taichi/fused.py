@@ -22,7 +22,8 @@ stacked: ray r belongs to frame r // n_lines.
 import taichi as ti
 
 from .image import DB_PER_NEPER
-from .march import cell_phasors, corners, incidence_cos, interp_corners, speckle_sample
+from .march import (cached_corners, cell_phasors, incidence_cos, interp_corners,
+                    no_cached_corners, speckle_sample)
 from .echo import refl
 
 SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}
@@ -75,9 +76,8 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
         S = iq_i.shape[1]
         P = cell_phasors(rd[r], k2h)
         seed = seeds[r // (iq_i.shape[0] // seeds.shape[0])]     # this ray's frame
-        ci = ti.Vector([-(1 << 30), 0, 0])           # voxel whose corners are cached
+        ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         zero = ti.Vector.zero(float, 3)
-        c000, c100, c010, c110, c001, c101, c011, c111 = zero, zero, zero, zero, zero, zero, zero, zero
         z_p, a_p, cos_p, si_p, sq_p, st_p = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0   # previous sample
         g = 1.0                                      # two-way transmission down to it
         bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
@@ -90,15 +90,11 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
                 if s < S:
                     d_mm = s * step_mm
                     pv = vo[r] + d_mm * vd[r]
-                    f0 = ti.floor(pv)
-                    I = ti.Vector([ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32),
-                                   ti.cast(f0[2], ti.i32)])
-                    if I[0] != ci[0] or I[1] != ci[1] or I[2] != ci[2]:
-                        c000, c100, c010, c110, c001, c101, c011, c111 = corners(
-                            props, I[0], I[1], I[2], outside[None])
-                        ci = I
+                    ci, fr, c000, c100, c010, c110, c001, c101, c011, c111 = cached_corners(
+                        props, outside[None], pv, ci, c000, c100, c010, c110, c001, c101, c011,
+                        c111)
                     prop, gidx = interp_corners(c000, c100, c010, c110, c001, c101, c011, c111,
-                                                pv[0] - f0[0], pv[1] - f0[1], pv[2] - f0[2])
+                                                fr[0], fr[1], fr[2])
                     cw = incidence_cos(gradT[None] @ gidx, rd[r])
                     if ti.static(mode == 0):
                         si, sq = speckle_sample(props, outside, P, prop[2], pv,

@@ -49,6 +49,27 @@ def corners(vol: ti.template(), i, j, k, outside):
 
 
 @ti.func
+def no_cached_corners():
+    """An empty voxel-corner cache for :func:`cached_corners`: (voxel index, 8 corners)."""
+    z = ti.Vector.zero(float, 3)
+    return ti.Vector([-(1 << 30), 0, 0]), z, z, z, z, z, z, z, z
+
+
+@ti.func
+def cached_corners(vol: ti.template(), outside, p, ci, c000, c100, c010, c110, c001, c101, c011,
+                   c111):
+    """Voxel I of position p, the fractional position (3,) in it and its 8 corners (as
+    :func:`corners`), fetched only when I differs from the cached voxel ci with corners
+    c000..c111 (a ray stays in one voxel for several samples). Returns (I, frac, c000..c111)."""
+    f0 = ti.floor(p)
+    I = ti.Vector([ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)])
+    n000, n100, n010, n110, n001, n101, n011, n111 = c000, c100, c010, c110, c001, c101, c011, c111
+    if I[0] != ci[0] or I[1] != ci[1] or I[2] != ci[2]:
+        n000, n100, n010, n110, n001, n101, n011, n111 = corners(vol, I[0], I[1], I[2], outside)
+    return I, p - f0, n000, n100, n010, n110, n001, n101, n011, n111
+
+
+@ti.func
 def interp_corners(c000, c100, c010, c110, c001, c101, c011, c111, fx, fy, fz):
     """Trilinear value (C,) inside a voxel cell with corners :func:`corners` at fractional
     position (fx, fy, fz), and the index-space gradient (3,) of channel 0."""
@@ -266,20 +287,14 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
         r = rr // pad
         P = cell_phasors(rd[r], k2h)
         seed = seeds[r // (z.shape[0] // seeds.shape[0])]
-        ci = ti.Vector([-(1 << 30), 0, 0])           # voxel whose corners are cached
-        zero = ti.Vector.zero(float, 3)
-        c000, c100, c010, c110, c001, c101, c011, c111 = zero, zero, zero, zero, zero, zero, zero, zero
+        ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         for s in range(z.shape[1]):
             d_mm = s * step_mm
             pv = vo[r] + d_mm * vd[r]
-            f0 = ti.floor(pv)
-            I = ti.Vector([ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)])
-            if I[0] != ci[0] or I[1] != ci[1] or I[2] != ci[2]:    # same values as trilinear()
-                c000, c100, c010, c110, c001, c101, c011, c111 = corners(props, I[0], I[1], I[2],
-                                                                         outside[None])
-                ci = I
+            ci, fr, c000, c100, c010, c110, c001, c101, c011, c111 = cached_corners(
+                props, outside[None], pv, ci, c000, c100, c010, c110, c001, c101, c011, c111)
             prop, gidx = interp_corners(c000, c100, c010, c110, c001, c101, c011, c111,
-                                        pv[0] - f0[0], pv[1] - f0[1], pv[2] - f0[2])
+                                        fr[0], fr[1], fr[2])      # same values as trilinear()
             cosw[r, s] = incidence_cos(gradT[None] @ gidx, rd[r])
             z[r, s] = prop[0]
             alpha[r, s] = prop[1]
@@ -433,19 +448,14 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
         g_vo, g_vd, g_ro, g_rd = (ti.Vector.zero(float, 3), ti.Vector.zero(float, 3),
                                   ti.Vector.zero(float, 3), ti.Vector.zero(float, 3))
         g_ey, g_eyv = ti.Vector.zero(float, 3), ti.Vector.zero(float, 3)
-        ci = ti.Vector([-(1 << 30), 0, 0])           # voxel whose corners are cached
-        zero = ti.Vector.zero(float, 3)
-        c000, c100, c010, c110, c001, c101, c011, c111 = zero, zero, zero, zero, zero, zero, zero, zero
+        ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         for s in range(S):
             d_mm = s * step_mm
             pv = o + d_mm * dv
-            f0 = ti.floor(pv)
-            I = ti.Vector([ti.cast(f0[0], ti.i32), ti.cast(f0[1], ti.i32), ti.cast(f0[2], ti.i32)])
-            fx, fy, fz = pv[0] - f0[0], pv[1] - f0[1], pv[2] - f0[2]
-            if I[0] != ci[0] or I[1] != ci[1] or I[2] != ci[2]:
-                c000, c100, c010, c110, c001, c101, c011, c111 = corners(props, I[0], I[1], I[2],
-                                                                         outside[None])
-                ci = I
+            ci, fr, c000, c100, c010, c110, c001, c101, c011, c111 = cached_corners(
+                props, outside[None], pv, ci, c000, c100, c010, c110, c001, c101, c011, c111)
+            I = ci
+            fx, fy, fz = fr[0], fr[1], fr[2]
             prop, gidx = interp_corners(c000, c100, c010, c110, c001, c101, c011, c111, fx, fy, fz)
             # value Jacobian (channels x axes) and Hessian of channel 0 (trilinear: no pure terms)
             A0, B0 = c100 - c000, c110 - c010
