@@ -3,28 +3,17 @@
 Never uses ``ti.gpu`` (it probes OpenGL, which segfaults without a display).
 The arch can also be chosen with the environment variable ``DIFFUS_ARCH``.
 
-Start-up patch (:func:`patch_taichi_pos_info`, applied when this module is imported): Taichi
-1.7.4 turns every kernel's Python AST into its IR on the first call in each process, even when
-the offline cache then supplies the compiled code, and for every AST node it formats a
-source-position message (``ASTTransformerContext.get_pos_info``) with ``textwrap.TextWrapper``;
-the wrapping alone was ~20 % of the first-frame time with a warm cache. The patch swaps the
-``TextWrapper`` name in ``taichi.lang.ast.ast_transformer_utils`` for a subclass whose ``wrap``
-returns the identical list without the regex machinery for the common case (an ASCII line of at
-most ``width`` characters without tabs or other special whitespace) and memoises the standard
-``wrap`` otherwise, so messages, debug info and offline-cache keys are unchanged. It is applied
-only on taichi 1.7.4 (the version pinned in pyproject.toml) when that module still has the
-expected ``TextWrapper`` and ``ASTTransformerContext.get_pos_info``; on any other version or
-layout nothing is changed (``PATCHES`` records what happened). ``DIFFUS_NO_TAICHI_PATCH=1``
-disables it.
+Importing this module applies the Taichi start-up patches of :mod:`diffus_taichi.taichi_patches`
+(pinned taichi 1.7.4 only; ``DIFFUS_NO_TAICHI_PATCH=1`` disables them).
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
-import textwrap
 
 import taichi as ti
+
+from .taichi_patches import PATCHES, _FastTextWrapper, apply_startup_patches  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -34,70 +23,7 @@ ENV_VAR = "DIFFUS_ARCH"
 
 _state = {"arch": None, "precision": None}
 
-PATCHES: dict = {}             # name -> "applied" | why it was not applied
-_PATCH_TAICHI_VERSION = (1, 7, 4)
-_SPECIAL_WS = re.compile(r"[\t\n\x0b\x0c\r]")
-_WRAP_DEFAULTS = {"expand_tabs": True, "replace_whitespace": True, "drop_whitespace": True,
-                  "initial_indent": "", "subsequent_indent": "", "max_lines": None,
-                  "fix_sentence_endings": False}
-
-
-class _FastTextWrapper(textwrap.TextWrapper):
-    """``TextWrapper`` with a fast path for text that fits on one line.
-
-    For an ASCII string of at most ``width`` characters without tabs or other special
-    whitespace and the default options, ``TextWrapper.wrap`` splits it into chunks that all fit
-    on the first line, keeps the leading whitespace and drops the trailing run: the result is
-    ``[text.rstrip(" ")]``, or ``[]`` when that is empty. Longer lines go to the standard
-    ``wrap`` once per distinct text and option set (memoised: Taichi formats the same source line
-    for every AST node on it and for every static unrolling). tests/test_startup_memory.py
-    compares both wrappers on every line of the package."""
-
-    _memo: dict = {}
-
-    def wrap(self, text):
-        if not all(getattr(self, k) == v for k, v in _WRAP_DEFAULTS.items()):
-            return super().wrap(text)
-        if len(text) <= self.width and text.isascii() and not _SPECIAL_WS.search(text):
-            s = text.rstrip(" ")
-            return [s] if s else []
-        key = (self.width, self.break_long_words, self.break_on_hyphens, self.tabsize, text)
-        got = self._memo.get(key)
-        if got is None:
-            if len(self._memo) > 100_000:
-                self._memo.clear()
-            got = self._memo[key] = tuple(super().wrap(text))
-        return list(got)
-
-
-def patch_taichi_pos_info() -> str:
-    """Install :class:`_FastTextWrapper` in Taichi's AST transformer (see the module docstring);
-    returns "applied", "already applied" or why it was left alone. Never raises."""
-    if os.environ.get("DIFFUS_NO_TAICHI_PATCH", "") not in ("", "0"):
-        PATCHES["pos_info_textwrap"] = "disabled by DIFFUS_NO_TAICHI_PATCH"
-        return PATCHES["pos_info_textwrap"]
-    try:
-        from taichi.lang.ast import ast_transformer_utils as atu
-
-        if tuple(ti.__version__) != _PATCH_TAICHI_VERSION:
-            why = f"taichi {ti.__version__} is not {_PATCH_TAICHI_VERSION}"
-        elif getattr(atu, "TextWrapper", None) is _FastTextWrapper:
-            why = "already applied"
-        elif (getattr(atu, "TextWrapper", None) is not textwrap.TextWrapper
-              or not callable(getattr(getattr(atu, "ASTTransformerContext", None),
-                                      "get_pos_info", None))):
-            why = "taichi.lang.ast.ast_transformer_utils has an unexpected layout"
-        else:
-            atu.TextWrapper = _FastTextWrapper
-            why = "applied"
-    except Exception as e:  # noqa: BLE001 - a failed patch must never stop the simulator
-        why = f"not applied ({type(e).__name__}: {e})"
-    PATCHES["pos_info_textwrap"] = why
-    log.debug("taichi get_pos_info text-wrap patch: %s", why)
-    return why
-
-
-patch_taichi_pos_info()
+apply_startup_patches()
 
 
 # Taichi 1.7.4's CPU backend hands a range-for to its thread pool in tasks of up to ~512

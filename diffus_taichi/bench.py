@@ -560,8 +560,10 @@ def child_env(extra: dict | None = None) -> dict:
 def run_child(code: str, params: dict, env_extra: dict | None = None,
               timeout_s: float = 600) -> dict:
     """Run ``python -c code json(params)``; return {"result": <the child's marked JSON line>,
-    "wall_s": wall time of the whole process}. Raises RuntimeError with the stderr tail."""
+    "wall_s": wall time of the whole process, "spawned_epoch": time.time() just before the
+    spawn}. Raises RuntimeError with the stderr tail."""
     cmd = [sys.executable, "-c", code, json.dumps(params)]
+    spawned = time.time()
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
@@ -571,13 +573,15 @@ def run_child(code: str, params: dict, env_extra: dict | None = None,
     wall = time.perf_counter() - t0
     for line in reversed(r.stdout.splitlines()):
         if line.startswith(CHILD_MARK):
-            return {"result": json.loads(line[len(CHILD_MARK):]), "wall_s": wall}
+            return {"result": json.loads(line[len(CHILD_MARK):]), "wall_s": wall,
+                    "spawned_epoch": spawned}
     tail = (r.stderr or r.stdout or "").strip().splitlines()[-8:]
     raise RuntimeError(f"child process failed (rc={r.returncode}): " + " | ".join(tail))
 
 
 _STARTUP_CHILD = """
 import time
+e0 = time.time()
 t0 = time.perf_counter()
 import json, sys
 P = json.loads(sys.argv[1])
@@ -594,7 +598,8 @@ sim = Simulator(vol, probe=get_probe("craniotomy", n_lines=P["lines"], n_samples
 t4 = time.perf_counter()
 fan = sim.render()
 t5 = time.perf_counter()
-print(P["mark"] + json.dumps({"import_s": t1 - t0, "ti_init_s": t2 - t1, "volume_s": t3 - t2,
+e5 = time.time()
+print(P["mark"] + json.dumps({"epoch_start": e0, "epoch_first_frame": e5, "import_s": t1 - t0, "ti_init_s": t2 - t1, "volume_s": t3 - t2,
       "simulator_s": t4 - t3, "first_frame_s": t5 - t4, "in_process_s": t5 - t0,
       "fan_shape": list(fan.shape), "fan_mean": float(fan.mean())}), flush=True)
 """
@@ -608,7 +613,10 @@ def measure_startup(arch: str, lines: int = 256, samples: int = 512, image_px=(5
     wall_s (whole process, parent clock), interpreter_s (wall - in-process time: interpreter
     start and exit), import_s (diffus_taichi + taichi), ti_init_s, volume_s (load the volume),
     simulator_s (Simulator init: fields, uploads, acoustic-property kernel), first_frame_s
-    (``render()``: forward kernels, JIT or cache load, and the fan copy)."""
+    (``render()``: forward kernels, JIT or cache load, and the fan copy), to_first_frame_s (the
+    goal's number: from just before the spawn to the child's clock when ``render()`` returned,
+    same machine clock), interpreter_start_s (spawn to the child's first line) and teardown_s
+    (interpreter and Taichi shut-down after the frame: wall_s - to_first_frame_s)."""
     own = cache_dir is None
     cache_dir = cache_dir or tempfile.mkdtemp(prefix="diffus_bench_ticache_")
     params = {"arch": arch, "lines": lines, "samples": samples, "image_px": list(image_px),
@@ -621,11 +629,15 @@ def measure_startup(arch: str, lines: int = 256, samples: int = 512, image_px=(5
             r = run_child(_STARTUP_CHILD, params, env, timeout_s)
             d = dict(r["result"], wall_s=r["wall_s"])
             d["interpreter_s"] = max(0.0, d["wall_s"] - d["in_process_s"])
+            d["to_first_frame_s"] = d.pop("epoch_first_frame") - r["spawned_epoch"]
+            d["interpreter_start_s"] = d.pop("epoch_start") - r["spawned_epoch"]
+            d["teardown_s"] = max(0.0, d["wall_s"] - d["to_first_frame_s"])
             out[kind] = d
-            log.info("start-up %s %s: %.2f s to first frame (import %.2f, ti.init %.2f, volume "
-                     "%.2f, Simulator %.2f, first frame %.2f)", arch, kind, d["wall_s"],
+            log.info("start-up %s %s: %.2f s to first frame (interpreter %.2f, import %.2f, "
+                     "ti.init %.2f, volume %.2f, Simulator %.2f, first frame %.2f; then teardown "
+                     "%.2f)", arch, kind, d["to_first_frame_s"], d["interpreter_start_s"],
                      d["import_s"], d["ti_init_s"], d["volume_s"], d["simulator_s"],
-                     d["first_frame_s"])
+                     d["first_frame_s"], d["teardown_s"])
         out["status"] = "ok"
     except RuntimeError as e:
         log.warning("start-up measurement on %s failed: %s", arch, e)
@@ -992,9 +1004,9 @@ def acceptance(doc: dict) -> list[dict]:
                                 "n/a (benchmarks/reference_numpy.py unavailable)"))
     st = [x for x in doc["startup"] if x.get("backend") == "cpu"]
     warm = [x for x in st if x.get("status") == "ok"]
-    w = warm[0]["warm"]["wall_s"] if warm else None
+    w = warm[0]["warm"]["to_first_frame_s"] if warm else None
     item(f"start-up to first frame, warm offline cache, cpu, {warm[0]['size'] if warm else ''} "
-         "(s, whole process)", w, f"<= {GOAL_WARM_START_S:g}",
+         "(s, from process spawn)", w, f"<= {GOAL_WARM_START_S:g}",
          None if w is None else w <= GOAL_WARM_START_S,
          "skipped" if "startup" in skipped else (st[0].get("status") if st else
                                                   "not measured (needs --arch including cpu)"))
@@ -1089,21 +1101,26 @@ def format_report(doc: dict) -> str:
                   f"(default volume, {doc['settings']['startup_size']}, {H}x{W} fan), "
                   "TI_OFFLINE_CACHE_FILE_PATH = new empty directory (cold), then the same "
                   "directory (warm); seconds:", "",
-                  "| backend | cache | total (wall) | interpreter | import | ti.init | volume | "
-                  "Simulator init | first frame |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| backend | cache | to first frame | interpreter start | import | ti.init | "
+                  "volume | Simulator init | first frame | then teardown |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in doc["startup"]:
             if s.get("status") != "ok":
-                lines.append(f"| {s['backend']} | - | {s.get('status')} | | | | | | |")
+                lines.append(f"| {s['backend']} | - | {s.get('status')} | | | | | | | |")
                 continue
             for kind in ("cold", "warm"):
                 d = s[kind]
-                lines.append(f"| {s['backend']} | {kind} | {d['wall_s']:.2f} | "
-                             f"{d['interpreter_s']:.2f} | {d['import_s']:.2f} | "
+                lines.append(f"| {s['backend']} | {kind} | {d['to_first_frame_s']:.2f} | "
+                             f"{d['interpreter_start_s']:.2f} | {d['import_s']:.2f} | "
                              f"{d['ti_init_s']:.2f} | {d['volume_s']:.2f} | "
-                             f"{d['simulator_s']:.2f} | {d['first_frame_s']:.2f} |")
-        lines.append("interpreter = wall - in-process time (Python start and exit); import = "
-                     "diffus_taichi + taichi; Simulator init = fields, uploads, acoustic-property "
-                     "kernel; first frame = `render()` incl. kernel JIT (cold) or cache load (warm).")
+                             f"{d['simulator_s']:.2f} | {d['first_frame_s']:.2f} | "
+                             f"{d['teardown_s']:.2f} |")
+        lines.append("to first frame = from just before the parent spawns the process to the child's "
+                     "clock when `render()` returns (the columns up to first frame add up to it); "
+                     "interpreter start = spawn to the script's first line; import = diffus_taichi "
+                     "+ taichi; Simulator init = fields, uploads, acoustic-property kernel; first "
+                     "frame = `render()` incl. kernel JIT (cold) or cache load (warm); teardown = "
+                     "interpreter and Taichi shut-down after it (not part of the goal).")
     m = doc.get("memory")
     if m:
         lines += [""]

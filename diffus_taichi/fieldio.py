@@ -24,39 +24,43 @@ def _np_dtype(dt):
 
 
 @ti.kernel
-def _fill(dsts: ti.template(), meta: ti.template(), fbuf: ti.types.ndarray(ndim=1),
-          ibuf: ti.types.ndarray(ndim=1)):
-    """meta[d] = (is_int, n, m, offset, strides): field d has n x m components per element
-    (1 x 1 scalar, n x 1 vector, n x m matrix), row-major element strides, and its values
-    start at ``offset`` of ``ibuf`` (is_int) or ``fbuf``."""
-    for d in ti.static(range(len(dsts))):
-        f = ti.static(dsts[d])
-        isint, n, m, off, strides = ti.static(meta[d][0], meta[d][1], meta[d][2], meta[d][3],
-                                              meta[d][4])
-        if ti.static(len(strides) == 0):                       # 0-D field
-            for _ in range(1):
-                for a, b in ti.static(ti.ndrange(n, m)):
-                    v = ibuf[off + a * m + b] if ti.static(isint) else fbuf[off + a * m + b]
-                    if ti.static(f.__class__.__name__ == "MatrixField" and m > 1):
-                        f[None][a, b] = ti.cast(v, f.dtype)
-                    elif ti.static(f.__class__.__name__ == "MatrixField"):
-                        f[None][a] = ti.cast(v, f.dtype)
+def _fill(dsts: ti.template(), meta: ti.template(), n_max: ti.template(),
+          fbuf: ti.types.ndarray(ndim=1), ibuf: ti.types.ndarray(ndim=1)):
+    """meta[d] = (is_int, n, m, offset, strides, size): field d has n x m components per
+    element (1 x 1 scalar, n x 1 vector, n x m matrix), ``size`` elements with row-major
+    strides, and its values start at ``offset`` of ``ibuf`` (is_int) or ``fbuf``. One parallel
+    loop over the largest field (n_max elements) writes element i of every field that has one:
+    a single task, because Taichi prepares each task of a kernel separately (~10 ms apiece on
+    the CPU backend even from the offline cache: one loop per field cost ~100 ms at start-up)."""
+    for i in range(n_max):
+        for d in ti.static(range(len(dsts))):
+            f = ti.static(dsts[d])
+            isint, n, m, off, strides, size = ti.static(*meta[d])
+            buf = ti.static(ibuf if isint else fbuf)
+            mat = ti.static(f.__class__.__name__ == "MatrixField")
+            mat2 = ti.static(mat and m > 1)                           # else a vector field
+            if i < size:
+                base = off + i * (n * m)
+                if ti.static(len(strides) == 0):                     # 0-D field
+                    if ti.static(mat):
+                        for a, b in ti.static(ti.ndrange(n, m)):
+                            if ti.static(mat2):
+                                f[None][a, b] = ti.cast(buf[base + a * m + b], f.dtype)
+                            else:
+                                f[None][a] = ti.cast(buf[base + a], f.dtype)
                     else:
-                        f[None] = ti.cast(v, f.dtype)
-        else:
-            for I in ti.grouped(f):
-                lin = 0
-                for k in ti.static(range(len(strides))):
-                    lin += I[k] * strides[k]
-                base = off + lin * (n * m)
-                for a, b in ti.static(ti.ndrange(n, m)):
-                    v = ibuf[base + a * m + b] if ti.static(isint) else fbuf[base + a * m + b]
-                    if ti.static(f.__class__.__name__ == "MatrixField" and m > 1):
-                        f[I][a, b] = ti.cast(v, f.dtype)
-                    elif ti.static(f.__class__.__name__ == "MatrixField"):
-                        f[I][a] = ti.cast(v, f.dtype)
+                        f[None] = ti.cast(buf[base], f.dtype)
+                else:
+                    I = ti.Vector([(i // strides[k]) % f.shape[k]
+                                   for k in ti.static(range(len(strides)))])
+                    if ti.static(mat):
+                        for a, b in ti.static(ti.ndrange(n, m)):
+                            if ti.static(mat2):
+                                f[I][a, b] = ti.cast(buf[base + a * m + b], f.dtype)
+                            else:
+                                f[I][a] = ti.cast(buf[base + a], f.dtype)
                     else:
-                        f[I] = ti.cast(v, f.dtype)
+                        f[I] = ti.cast(buf[base], f.dtype)
 
 
 class Uploader:
@@ -88,7 +92,7 @@ class Uploader:
                 strides.insert(0, s)
                 s *= int(d)
             size = s * n * m
-            meta.append((int(isint), n, m, io if isint else fo, tuple(strides)))
+            meta.append((int(isint), n, m, io if isint else fo, tuple(strides), s))
             if isint:
                 io += size
             else:
@@ -101,6 +105,7 @@ class Uploader:
         if self._fdtype is None:
             raise TypeError("Uploader: unsupported float field dtype")
         self.meta = tuple(meta)
+        self._n_max = max(mt[5] for mt in meta)
         self._fbuf = np.zeros(max(fo, 1), self._fdtype)
         self._ibuf = np.zeros(max(io, 1), np.int32)
 
@@ -108,14 +113,14 @@ class Uploader:
         if len(arrays) != len(self.fields):
             raise ValueError(f"Uploader: {len(self.fields)} fields but {len(arrays)} arrays")
         fb, ib = self._fbuf, self._ibuf
-        for a, shape, isint, (_, n, m, off, _) in zip(arrays, self._shapes, self._int, self.meta):
+        for a, shape, isint, (_, n, m, off, _, _) in zip(arrays, self._shapes, self._int, self.meta):
             a = np.asarray(a)
             if a.shape != shape:
                 raise ValueError(f"Uploader: array shape {a.shape} != field shape {shape}")
             size = int(np.prod(shape, dtype=np.int64))
             (ib if isint else fb)[off:off + size] = a.astype(ib.dtype if isint else fb.dtype,
                                                              copy=False).reshape(-1)
-        _fill(self.fields, self.meta, fb, ib)
+        _fill(self.fields, self.meta, self._n_max, fb, ib)
 
 
 @ti.kernel

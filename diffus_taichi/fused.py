@@ -5,25 +5,28 @@ The staged, differentiable path runs one kernel per stage and keeps every stage 
 axial_iq -> lateral_sum -> envelope -> log_compress), as the Tape needs. Rendering without a
 gradient needs none of those intermediates, so here
 
-1. :func:`march_echo_iq` (rays in parallel, samples serial) samples the acoustic-property volume
-   (the 8 voxel corners are fetched once per voxel the ray enters, not once per sample), runs the
-   primary echo recursion (round-trip transmission carried in a register), forms the complex RF
-   and applies the axial Gabor pulse with a (2K+1)-sample shift register, writing only the
-   axial I/Q (rays, samples);
+1. :func:`march_echo_iq` (rays in parallel, samples serial) makes each ray from the pose (as
+   rays.make_rays and march.elevation_axes, which are then not launched), samples the
+   acoustic-property volume (the 8 voxel corners are fetched once per voxel the ray enters,
+   not once per sample), runs the primary echo recursion (round-trip transmission carried in
+   a register), forms the complex RF and applies the axial Gabor pulse with a (2K+1)-sample
+   shift register, writing only the axial I/Q (rays, samples);
 2. :func:`lateral_envelope_log` (per sample) sums the lateral beam across lines of the same
    frame, takes the envelope (plus the expected diffuse intensity for ``speckle='mean'``) and
    log-compresses it to the B-mode lines (rays, samples) in [0, 1].
 
-The arithmetic is the staged path's, term by term (same ti.funcs, same order), so the two agree
-to the last few f32 ulps; ``tests/test_render.py`` checks it. Rays of a batch of B frames are
-stacked: ray r belongs to frame r // n_lines.
+The arithmetic is the staged path's, term by term (same ti.funcs, same order), so on the same
+rays the two agree to the last few f32 ulps (``tests/test_batch_fused.py``; the rays themselves
+agree to an ulp: LLVM may contract the two kernels' expressions differently). Rays of a batch
+of B frames are stacked: ray r belongs to frame r // n_lines.
 """
 
 import taichi as ti
 
 from .image import DB_PER_NEPER
-from .march import (cached_corners, cell_phasors, incidence_cos, interp_corners,
-                    no_cached_corners, speckle_sample)
+from .march import (cached_corners, cell_phasors, elevation_axis, incidence_cos,
+                    interp_corners, no_cached_corners, speckle_sample)
+from .rays import mat3_vec, pose_transform, voxel_affine
 from .echo import refl
 
 SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}
@@ -56,26 +59,43 @@ def _pulse(bi, bq, taps_i: ti.template(), taps_q: ti.template(), K: ti.template(
 
 
 @ti.kernel
-def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(),
-                  vd: ti.template(), ro: ti.template(), rd: ti.template(), ey: ti.template(),
-                  eyv: ti.template(), gradT: ti.template(), step_mm: float, inv_cell_mm: float,
-                  k2h: float, seeds: ti.template(), elev_off: ti.template(), elev_w: ti.template(),
-                  n_elev: ti.template(), mode: ti.template(), np_per_dbcm_step: float,
-                  taps_i: ti.template(), taps_q: ti.template(), K: ti.template(),
-                  iq_i: ti.template(), iq_q: ti.template(), incoh: ti.template(),
-                  pad: ti.template()):
-    """Axial I/Q (rays, samples) of the primary model from the rays (vo, vd, ro, rd, ey, eyv as
-    march.march). mode (static): 0 coherent scatterers, 1 'mean' (writes incoh = two-way gain x
-    scattering strength for the expected diffuse intensity), 2 'off'. np_per_dbcm_step: nepers
-    per (dB/cm/MHz) over one sample step. pad (static): ray r = index // pad, only every pad-th
-    index works (backend.ray_loop_pad: spreads few rays over every CPU thread)."""
+def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.template(),
+                  w2v: ti.template(), props: ti.template(), outside: ti.template(),
+                  vo: ti.template(), vd: ti.template(), ro: ti.template(), rd: ti.template(),
+                  ey: ti.template(), eyv: ti.template(), gradT: ti.template(), step_mm: float,
+                  inv_cell_mm: float, k2h: float, seeds: ti.template(), elev_off: ti.template(),
+                  elev_w: ti.template(), n_elev: ti.template(), mode: ti.template(),
+                  np_per_dbcm_step: float, taps_i: ti.template(), taps_q: ti.template(),
+                  K: ti.template(), iq_i: ti.template(), iq_q: ti.template(),
+                  incoh: ti.template(), pad: ti.template()):
+    """Axial I/Q (rays, samples) of the primary model for the pose(s) (B, 6): each ray is made
+    here as in rays.make_rays (line l of frame b = r // n_lines; also written to ro, rd, vo, vd
+    and, for coherent speckle, its elevation axis to ey, eyv as march.elevation_axes), then
+    marched as march.march. mode (static): 0 coherent scatterers, 1 'mean' (writes incoh =
+    two-way gain x scattering strength for the expected diffuse intensity), 2 'off'.
+    np_per_dbcm_step: nepers per (dB/cm/MHz) over one sample step. pad (static): ray
+    r = index // pad, only every pad-th index works (backend.ray_loop_pad: spreads few rays
+    over every CPU thread)."""
     for rr in range(iq_i.shape[0] * pad):
         if rr % pad != 0:
             continue
         r = rr // pad
+        L = line_o.shape[0]
+        b, l = r // L, r % L
+        Rp, tp = pose_transform(pose, b)
+        M, c = voxel_affine(w2v[None])
+        o = mat3_vec(Rp, line_o[l]) + tp             # as rays.make_rays (f32: to ~1 ulp, as
+        d = mat3_vec(Rp, line_d[l])                  # LLVM may contract differently)
+        pv0, pvd = mat3_vec(M, o) + c, mat3_vec(M, d)
+        ro[r], rd[r], vo[r], vd[r] = o, d, pv0, pvd
+        if ti.static(mode == 0):                     # elevation axis: lateral vector from the
+            l1, l2 = ti.max(l - 1, 0), ti.min(l + 1, L - 1)     # neighbour lines, rotated
+            ax = elevation_axis(d, mat3_vec(Rp, (line_o[l2] - line_o[l1])
+                                            + (line_d[l2] - line_d[l1])))
+            ey[r], eyv[r] = ax, mat3_vec(M, ax)
         S = iq_i.shape[1]
-        P = cell_phasors(rd[r], k2h)
-        seed = seeds[r // (iq_i.shape[0] // seeds.shape[0])]     # this ray's frame
+        P = cell_phasors(d, k2h)
+        seed = seeds[b]
         ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         zero = ti.Vector.zero(float, 3)
         z_p, a_p, cos_p, si_p, sq_p, st_p = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0   # previous sample
@@ -89,16 +109,16 @@ def march_echo_iq(props: ti.template(), outside: ti.template(), vo: ti.template(
                 prop = zero
                 if s < S:
                     d_mm = s * step_mm
-                    pv = vo[r] + d_mm * vd[r]
+                    pv = pv0 + d_mm * pvd
                     ci, fr, c000, c100, c010, c110, c001, c101, c011, c111 = cached_corners(
                         props, outside[None], pv, ci, c000, c100, c010, c110, c001, c101, c011,
                         c111)
                     prop, gidx = interp_corners(c000, c100, c010, c110, c001, c101, c011, c111,
                                                 fr[0], fr[1], fr[2])
-                    cw = incidence_cos(gradT[None] @ gidx, rd[r])
+                    cw = incidence_cos(mat3_vec(gradT[None], gidx), d)
                     if ti.static(mode == 0):
                         si, sq = speckle_sample(props, outside, P, prop[2], pv,
-                                                ro[r] + d_mm * rd[r], r, s, rd, ey, eyv,
+                                                o + d_mm * d, r, s, rd, ey, eyv,
                                                 inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev)
                 if s > 0:                            # sample s - 1 is complete: its RF
                     e = 0.0

@@ -8,12 +8,37 @@ import taichi as ti
 
 
 @ti.func
+def mat3_vec(M, v):
+    """M @ v for a 3x3 matrix and a 3-vector, written out (the same sums, in the same order, as
+    Taichi's ``@``, whose generic ti.func costs ~4 ms of kernel preparation per use)."""
+    return ti.Vector([M[0, 0] * v[0] + M[0, 1] * v[1] + M[0, 2] * v[2],
+                      M[1, 0] * v[0] + M[1, 1] * v[1] + M[1, 2] * v[2],
+                      M[2, 0] * v[0] + M[2, 1] * v[1] + M[2, 2] * v[2]])
+
+
+@ti.func
 def rodrigues(w):
     """Rotation vector (radians) -> 3x3 rotation matrix; smooth at w = 0."""
     th = ti.sqrt(w.dot(w) + 1e-20)
     k = w / th
     K = ti.Matrix([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    return ti.Matrix.identity(float, 3) + ti.sin(th) * K + (1.0 - ti.cos(th)) * (K @ K)
+    KK = ti.Matrix([[K[i, 0] * K[0, j] + K[i, 1] * K[1, j] + K[i, 2] * K[2, j]
+                     for j in ti.static(range(3))] for i in ti.static(range(3))])   # K @ K
+    return ti.Matrix.identity(float, 3) + ti.sin(th) * K + (1.0 - ti.cos(th)) * KK
+
+
+@ti.func
+def pose_transform(pose: ti.template(), b):
+    """Rotation matrix and translation (mm) of pose row b [t mm, rotvec rad]."""
+    return (rodrigues(ti.Vector([pose[b, 3], pose[b, 4], pose[b, 5]])),
+            ti.Vector([pose[b, 0], pose[b, 1], pose[b, 2]]))
+
+
+@ti.func
+def voxel_affine(A):
+    """3x3 linear part and offset of the 4x4 world->voxel matrix A."""
+    return (ti.Matrix([[A[0, 0], A[0, 1], A[0, 2]], [A[1, 0], A[1, 1], A[1, 2]],
+                       [A[2, 0], A[2, 1], A[2, 2]]]), ti.Vector([A[0, 3], A[1, 3], A[2, 3]]))
 
 
 @ti.kernel
@@ -26,16 +51,11 @@ def make_rays(pose: ti.template(), line_o: ti.template(), line_d: ti.template(),
     for r in ro:
         R_ = line_o.shape[0]
         b, l = r // R_, r % R_
-        w = ti.Vector([pose[b, 3], pose[b, 4], pose[b, 5]])
-        t = ti.Vector([pose[b, 0], pose[b, 1], pose[b, 2]])
-        R = rodrigues(w)
-        o = R @ line_o[l] + t
-        d = R @ line_d[l]
+        R, t = pose_transform(pose, b)
+        o = mat3_vec(R, line_o[l]) + t
+        d = mat3_vec(R, line_d[l])
         ro[r] = o
         rd[r] = d
-        A = w2v[None]
-        M = ti.Matrix([[A[0, 0], A[0, 1], A[0, 2]], [A[1, 0], A[1, 1], A[1, 2]],
-                       [A[2, 0], A[2, 1], A[2, 2]]])
-        b_ = ti.Vector([A[0, 3], A[1, 3], A[2, 3]])
-        vo[r] = M @ o + b_
-        vd[r] = M @ d
+        M, c = voxel_affine(w2v[None])
+        vo[r] = mat3_vec(M, o) + c
+        vd[r] = mat3_vec(M, d)

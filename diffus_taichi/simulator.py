@@ -253,17 +253,19 @@ class Simulator:
             A[:3, 3] -= self.props_origin          # indices of the (cropped) props grid
             fields += [self.w2v, self.gradT]
             arrays += [A, A[:3, :3].T]
-        Uploader(fields)(*[np.asarray(a).astype(f if not np.issubdtype(np.asarray(a).dtype,
-                                                                      np.integer) else np.int32)
-                           for a in arrays])
+        arrays = [np.asarray(a).astype(f if not np.issubdtype(np.asarray(a).dtype, np.integer)
+                                       else np.int32) for a in arrays]
         del self._imaging_arrays
         if self._shared is None:
             if self.vol is not None:
                 self.vol.from_numpy(v.channels.astype(f, copy=False))
-            self.upload_mapping()
+            self.upload_mapping(_static=(fields, arrays))    # one kernel for both groups
+        else:
+            Uploader(fields)(*arrays)
 
-    def upload_mapping(self, mapping: AcousticMapping | None = None):
-        """(Re)load the tissue table / transfer knots into their Taichi fields."""
+    def upload_mapping(self, mapping: AcousticMapping | None = None, _static=None):
+        """(Re)load the tissue table / transfer knots into their Taichi fields. (_static: the
+        start-up's (fields, arrays) of :meth:`_upload_static`, written by the same launch.)"""
         if mapping is not None:
             mapping.check_volume(self.volume)
             if mapping.kind != self.mapping.kind:
@@ -284,11 +286,15 @@ class Simulator:
         if kind == "mlp":
             fields.append(self.mlp_w)
             arrays.append(self.mapping.mlp.weights)
-        key = tuple(id(x) for x in fields)
-        up = getattr(self, "_mapping_uploader", None)
-        if up is None or tuple(id(x) for x in up.fields) != key:
-            up = self._mapping_uploader = Uploader(fields)
-        up(*[np.asarray(a).astype(np.int32 if a is chan else f) for a in arrays])
+        arrays = [np.asarray(a).astype(np.int32 if a is chan else f) for a in arrays]
+        if _static is not None:
+            Uploader(list(_static[0]) + fields)(*_static[1], *arrays)
+        else:
+            key = tuple(id(x) for x in fields)
+            up = getattr(self, "_mapping_uploader", None)
+            if up is None or tuple(id(x) for x in up.fields) != key:
+                up = self._mapping_uploader = Uploader(fields)
+            up(*arrays)
         self.update_acoustics()
 
     def set_outside(self, props) -> None:
@@ -389,10 +395,10 @@ class Simulator:
         from . import fused
 
         p, s = self.probe, self.settings
-        self._rays()
         mode = self.speckle_mode
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
-        fused.march_echo_iq(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey,
+        fused.march_echo_iq(self.pose, self.line_o, self.line_d, self.w2v, self.props,
+                            self.outside, self.vo, self.vd, self.ro, self.rd, self.ey,
                             self.eyv, self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
                             self._k2h(), self.seeds, self.elev_off, self.elev_w, self._n_elev,
                             fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
@@ -404,11 +410,15 @@ class Simulator:
                                    s.dynamic_range_db, self.bmode)
         scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
 
-    def forward_staged(self):
-        """Every stage in its own field (Tape-compatible; :meth:`stages` reads them)."""
+    def forward_staged(self, make_rays: bool = True):
+        """Every stage in its own field (Tape-compatible; :meth:`stages` reads them).
+        make_rays=False: march the rays already in ro/rd/vo/vd/ey/eyv (e.g. those the fused
+        kernel wrote: in f32 they can differ from make_rays' by an ulp of the origin, which
+        is ~5e-4 rad of speckle phase at 7.5 MHz; tests compare the two paths on equal rays)."""
         self._alloc_staged()
         p, s = self.probe, self.settings
-        self._rays()
+        if make_rays:
+            self._rays()
         coherent = self.speckle_mode == "coherent"
         march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
                     self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,

@@ -74,9 +74,14 @@ def test_bench_json_startup_and_memory(bench_run):
     assert s["status"] == "ok" and s["backend"] == "cpu" and s["size"] == "16x32"
     for kind in ("cold", "warm"):
         d = s[kind]
-        for key in ("wall_s", "import_s", "ti_init_s", "volume_s", "simulator_s", "first_frame_s"):
+        for key in ("wall_s", "import_s", "ti_init_s", "volume_s", "simulator_s", "first_frame_s",
+                    "to_first_frame_s", "interpreter_start_s"):
             assert _pos(d[key]), (kind, key, d[key])
         assert d["wall_s"] >= d["in_process_s"] and d["fan_shape"] == [32, 32]
+        # time to the first frame: the in-process stages plus the interpreter start (one clock,
+        # two processes: allow 50 ms of rounding); the teardown after it is reported apart
+        assert abs(d["to_first_frame_s"] - d["interpreter_start_s"] - d["in_process_s"]) < 0.05
+        assert d["to_first_frame_s"] <= d["wall_s"] + 0.05 and d["teardown_s"] >= 0
     m = doc["memory"]
     assert m["status"] == "ok" and m["dim"] == 32 and m["volume_shape"] == [32, 32, 32]
     assert m["volume_bytes"] == 32 ** 3 * 4
