@@ -575,6 +575,65 @@ def test_fast_textwrap_equals_textwrap():
                     textwrap.TextWrapper(width=80).wrap(t), repr(t)
 
 
+def test_pos_info_memo_equals_get_pos_info():
+    """The memoised ASTTransformerContext.get_pos_info (taichi_patches) returns the original's
+    message for every statement and expression node of the package's kernels and ti.funcs,
+    on the first call and from the memo."""
+    import ast
+    import glob
+    import types
+
+    from taichi.lang.ast import ast_transformer_utils as atu
+
+    from diffus_taichi import backend
+
+    assert backend.PATCHES.get("pos_info_memo") in ("applied", "already applied")
+    patched = atu.ASTTransformerContext.get_pos_info
+    original = patched.__wrapped__
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    n = 0
+    for f in sorted(glob.glob(os.path.join(here, "diffus_taichi", "*.py"))):
+        with open(f, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+        for fn in ast.parse("\n".join(lines)).body:
+            if not (isinstance(fn, ast.FunctionDef) and any(
+                    "ti." in ast.unparse(d) for d in fn.decorator_list)):
+                continue
+            start = fn.decorator_list[0].lineno
+            src = lines[start - 1:fn.end_lineno]
+            tree = ast.parse("\n".join(src))         # as Taichi: lines numbered from the def
+            ctx = types.SimpleNamespace(file=f, lineno_offset=start - 1, indent=0, src=src,
+                                        func=types.SimpleNamespace(func=types.SimpleNamespace(
+                                            __name__=fn.name)))
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.stmt, ast.expr)):
+                    want = original(ctx, node)
+                    assert patched(ctx, node) == want and patched(ctx, node) == want
+                    n += 1
+    assert n > 5000
+
+
+def test_source_memo_equals_getsourcelines():
+    """kernel_impl.getsourcelines / getsourcefile memoised per function (taichi_patches): the
+    original's result, and a fresh list each call (callers may not share it)."""
+    from taichi.lang import kernel_impl as ki
+
+    from diffus_taichi import backend, fused, march, rays
+
+    assert backend.PATCHES.get("source_memo") in ("applied", "already applied")
+    for obj in (march.scatterer_sum, march.fast_cos_sin, rays.rodrigues, rays.mat3_vec,
+                fused.march_echo_iq, fused._pulse):
+        fn = getattr(obj, "func", None) or getattr(obj, "_primal", None) or obj
+        fn = getattr(fn, "func", fn)
+        for name in ("getsourcelines", "getsourcefile"):
+            got1, got2 = getattr(ki, name)(fn), getattr(ki, name)(fn)
+            assert got1 == got2 == getattr(ki, name).__wrapped__(fn)
+        a, b = ki.getsourcelines(fn), ki.getsourcelines(fn)
+        assert a[0] is not b[0]
+        a[0].clear()
+        assert ki.getsourcelines(fn)[0] == b[0] and len(b[0]) > 1
+
+
 def test_peak_memory_256_cube_within_budget():
     """Issue #7: peak memory for a 256^3 float32 NIfTI (head phantom), Simulator + one render
     on cpu, <= 2 x volume + 64 MiB over the baseline (fresh process, bench.measure_memory)."""
