@@ -407,7 +407,8 @@ class Simulator:
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
                                    mode == "mean", self.env, self._speckle_c, s.gain_db, tgc,
-                                   s.dynamic_range_db, self.bmode)
+                                   s.dynamic_range_db, self.bmode, backend.lateral_loop_pad(
+                                       self.bmode.shape[1] * self.batch))
         scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
 
     def forward_staged(self, make_rays: bool = True):

@@ -237,6 +237,20 @@ def test_padded_ray_loops_equal_plain_ones(cpu32):
         out.append(np.stack([sim.iq_i.to_numpy(), sim.iq_q.to_numpy()]))
     assert np.abs(out[0]).max() > 0
     np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-6 * np.abs(out[0]).max())
+    # the lateral sum: one thread per output (pad 0, GPU) or a sliding window per (frame,
+    # sample) (pad >= 1, CPU); also with the 'mean' term
+    tgc = sim.tgc_db_per_cm * p.sample_spacing_mm / 10.0
+    sim.env.from_numpy(np.abs(sim.iq_q.to_numpy()))       # some incoherent term
+    for mean in (False, True):
+        lines = []
+        for pad in (0, 1, 3):
+            fused.lateral_envelope_log(sim.iq_i, sim.iq_q, sim.lat_w, sim.M, p.n_lines, mean,
+                                       sim.env, sim._speckle_c, s.gain_db, tgc,
+                                       s.dynamic_range_db, sim.bmode, pad)
+            lines.append(sim.bmode.to_numpy())
+        assert 0.05 < lines[0].mean() < 0.95 and lines[0].std() > 0.02, (mean, lines[0].mean())
+        for b in lines[1:]:
+            np.testing.assert_allclose(b, lines[0], rtol=0, atol=2e-6)
     sim._alloc_staged()
     got = []
     for pad in (1, 5):
