@@ -1,7 +1,11 @@
-"""Probe rays from the pose: the only kernel that reads the pose field (notes 2.6).
+"""Probe rays from the pose. For each scan line r: world origin ``ro[r]`` (mm) and unit
+direction ``rd[r]``, and the same ray in voxel index coordinates (``vo[r]`` and ``vd[r]`` = voxel
+displacement per mm along the ray).
 
-For each scan line r: world origin ``ro[r]`` (mm) and unit direction ``rd[r]``, and the same ray
-in voxel index coordinates (``vo[r]`` and ``vd[r]`` = voxel displacement per mm along the ray).
+``make_rays`` is the only kernel under the Tape that reads the pose (notes 2.6: a per-ray
+kernel, so the backward's atomic adds into ``pose.grad`` come from n_rays threads, not from
+every sample); the forward-only fused kernel (``fused.march_echo_iq``) makes its rays itself
+with the same functions (:func:`pose_transform`, :func:`voxel_affine`, :func:`mat3_vec`).
 """
 
 import taichi as ti
