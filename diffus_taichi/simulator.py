@@ -360,11 +360,14 @@ class Simulator:
 
     def _check_coverage(self, pose: Pose):
         """Warn when no part of the fan lies inside the volume (the image is then empty)."""
-        o, d = self.probe.line_geometry()
-        sel = np.linspace(0, len(o) - 1, min(len(o), 33)).astype(int)
-        depths = np.linspace(0, self.probe.depth_mm, 65)
-        pts = o[sel, None, :] + depths[None, :, None] * d[sel, None, :]
-        inside = self.volume.contains_world(pose.probe_to_world(pts.reshape(-1, 3)))
+        pts = getattr(self, "_coverage_pts", None)
+        if pts is None:          # probe-frame points (33 lines x 65 depths), made once
+            o, d = self.probe.line_geometry()
+            sel = np.linspace(0, len(o) - 1, min(len(o), 33)).astype(int)
+            depths = np.linspace(0, self.probe.depth_mm, 65)
+            pts = self._coverage_pts = (o[sel, None, :] + depths[None, :, None]
+                                        * d[sel, None, :]).reshape(-1, 3)
+        inside = self.volume.contains_world(pose.probe_to_world(pts))
         self.coverage = float(inside.mean())     # fraction of the fan inside the volume
         if not inside.any():
             log.warning("probe pose %s: the fan lies entirely outside volume %r; the image is empty",
