@@ -94,27 +94,66 @@ def _mse_final(s: ti.template(), inv_n: float, loss: ti.template()):
 
 
 @ti.kernel
-def _masked_sum_rows(a: ti.template(), m: ti.template(), rows: ti.template()):
+def _ncc_fwd(a: ti.template(), m: ti.template(), bc: ti.template(), inv_n: float, var_b: float,
+             rows: ti.template(), st: ti.template(), loss: ti.template()):
+    """Two-pass (centred) moments, accurate in f32: S0 = sum m a, then with mu = S0 / n,
+    T1 = sum m (a - mu)^2 and T2 = sum bc a; per row in registers, then over rows.
+    st = (S0, T1, T2, sum m (a - mu)) for the adjoint."""
     for y in range(a.shape[0]):
+        acc = 0.0
         for x in range(a.shape[1]):
-            rows[y, 0] += m[y, x] * a[y, x]
+            acc += m[y, x] * a[y, x]
+        rows[y, 0] = acc
+    for _ in range(1):
+        acc = 0.0
+        for y in range(a.shape[0]):
+            acc += rows[y, 0]
+        st[0] = acc
+    for y in range(a.shape[0]):
+        mu = st[0] * inv_n
+        c0, c1, c2 = 0.0, 0.0, 0.0
+        for x in range(a.shape[1]):
+            d = a[y, x] - mu
+            c0 += m[y, x] * d
+            c1 += m[y, x] * d * d
+            c2 += bc[y, x] * a[y, x]
+        rows[y, 0], rows[y, 1], rows[y, 2] = c0, c1, c2
+    for _ in range(1):
+        c0, c1, c2 = 0.0, 0.0, 0.0
+        for y in range(a.shape[0]):
+            c0 += rows[y, 0]
+            c1 += rows[y, 1]
+            c2 += rows[y, 2]
+        st[1], st[2], st[3] = c1, c2, c0
+        loss[None] += 1.0 - c2 * inv_n / ti.sqrt(c1 * inv_n * var_b + 1e-12)
 
 
 @ti.kernel
-def _centred_rows(a: ti.template(), m: ti.template(), bc: ti.template(), s: ti.template(),
-                  inv_n: float, rows: ti.template()):
-    """Two-pass (centred) moments, accurate in f32: (a - mu)^2 and bc a per row."""
+def _ncc_bwd(a: ti.template(), m: ti.template(), bc: ti.template(), inv_n: float, var_b: float,
+             rows: ti.template(), st: ti.template(), loss: ti.template()):
+    """a.grad += dL/da: L = 1 - T2 n^-1 / sqrt(T1 n^-1 var_b + 1e-12), T1 = sum m (a - mu)^2,
+    mu = S0 / n, T2 = sum bc a (mu's own dependence on a included, as the automatic adjoint)."""
+    for _ in range(1):                       # coefficients (st[4:8]), once
+        gl = loss.grad[None]
+        den = ti.sqrt(st[1] * inv_n * var_b + 1e-12)
+        g1 = gl * st[2] * inv_n / (den * den) * (0.5 / den) * var_b * inv_n
+        st[4], st[5], st[6], st[7] = -gl * inv_n / den, 2.0 * g1, -2.0 * g1 * st[3] * inv_n, st[0] * inv_n
     for y in range(a.shape[0]):
         for x in range(a.shape[1]):
-            d = a[y, x] - s[0] * inv_n
-            rows[y, 1] += m[y, x] * d * d
-            rows[y, 2] += bc[y, x] * a[y, x]
+            a.grad[y, x] = a.grad[y, x] + st[4] * bc[y, x] + m[y, x] * (st[5] * (a[y, x] - st[7]) + st[6])
 
 
-@ti.kernel
-def _ncc_final(s: ti.template(), t: ti.template(), inv_n: float, var_b: float, loss: ti.template()):
-    var_a = t[1] * inv_n
-    loss[None] += 1.0 - t[2] * inv_n / ti.sqrt(var_a * var_b + 1e-12)
+@ti.ad.grad_replaced
+def ncc(a, m, bc, inv_n, var_b, rows, st, loss):
+    """loss += 1 - NCC(a, target) over the mask m (H, W); bc = m (target - mean), var_b its
+    variance, inv_n = 1 / sum m; rows (H, 3), st (8,): scratch (no gradient). Hand-written
+    adjoint (one parallel pass) instead of the automatic ones of the staged kernels."""
+    _ncc_fwd(a, m, bc, float(inv_n), float(var_b), rows, st, loss)
+
+
+@ti.ad.grad_for(ncc)
+def _ncc_grad(a, m, bc, inv_n, var_b, rows, st, loss):
+    _ncc_bwd(a, m, bc, float(inv_n), float(var_b), rows, st, loss)
 
 
 @ti.kernel
@@ -213,7 +252,10 @@ class ImageLoss:
         # allocate every field first (one Taichi SNode tree), then upload
         self.value = ti.field(real, shape=(), needs_grad=needs_grad)
         self._const = {k: ti.field(real, shape=v.shape) for k, v in arrays.items()}
-        if kind in ("mse", "ncc"):
+        if kind == "ncc":
+            self.rows = ti.field(real, shape=(H, 3))
+            self.st = ti.field(real, shape=8)
+        elif kind == "mse":
             self.rows = ti.field(real, shape=(H, 3), needs_grad=needs_grad)
             self.rows2 = ti.field(real, shape=(H, 3), needs_grad=needs_grad)
             self.s = ti.field(real, shape=3, needs_grad=needs_grad)
@@ -301,11 +343,7 @@ class ImageLoss:
             _sum_rows(self.rows, 1, self.s)
             _mse_final(self.s, self.inv_n, self.value)
         elif self.kind == "ncc":
-            _masked_sum_rows(a, self.m, self.rows)
-            _sum_rows(self.rows, 1, self.s)
-            _centred_rows(a, self.m, self.bc, self.s, self.inv_n, self.rows2)
-            _sum_rows(self.rows2, 3, self.t)
-            _ncc_final(self.s, self.t, self.inv_n, self.var_b, self.value)
+            ncc(a, self.m, self.bc, self.inv_n, self.var_b, self.rows, self.st, self.value)
         elif self.kind == "lncc":
             _patch_moments(a, self.m, self.bc, self.patch, self.s)
             _lncc_final(self.s, self.n, self.var_b, self.w, self.value)
