@@ -9,7 +9,9 @@ formation -> scan conversion, with every stage held in preallocated Taichi field
     fans = sims.render_batch(poses)     # (16, H, W)
 
 Rendering without a gradient runs the fused forward kernels (:mod:`diffus_taichi.fused`);
-under ``ti.ad.Tape`` (value_and_grad, vjp) the staged kernels, one field per stage.
+under ``ti.ad.Tape`` (value_and_grad, vjp) the primary model runs the fused kernels with
+hand-written adjoints of :mod:`diffus_taichi.tape_fused`, the other models the staged kernels,
+one field per stage.
 """
 from __future__ import annotations
 
@@ -379,8 +381,9 @@ class Simulator:
         volume is computed by :meth:`update_acoustics`, outside the per-frame path).
 
         Outside a ``ti.ad.Tape`` the ``primary`` model runs the fused forward-only kernels
-        (:mod:`diffus_taichi.fused`: 5 launches, no intermediate fields); inside a Tape, or
-        for the other echo models, the staged differentiable kernels (:meth:`forward_staged`)."""
+        (:mod:`diffus_taichi.fused`: 5 launches, no intermediate fields), inside a Tape the
+        fused differentiable ones (:meth:`forward_tape`); the other echo models (and
+        ``tape_fused = False``) the staged differentiable kernels (:meth:`forward_staged`)."""
         if self.echo_model != "primary":
             self.forward_staged()
         elif ti.lang.impl.get_runtime().target_tape is None:

@@ -35,6 +35,17 @@ def _shift_in(buf, v, K: ti.template()):
     return out
 
 
+@ti.func
+def _taps(taps_i: ti.template(), taps_q: ti.template(), K: ti.template()):
+    """The 2K+1 axial taps as registers (loaded once per ray)."""
+    tpi = ti.Vector.zero(float, 2 * K + 1)
+    tpq = ti.Vector.zero(float, 2 * K + 1)
+    for k in ti.static(range(2 * K + 1)):
+        tpi[k] = taps_i[k]
+        tpq[k] = taps_q[k]
+    return tpi, tpq
+
+
 @ti.kernel
 def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
                  scat_q: ti.template(), cosw: ti.template(), np_step: float,
@@ -47,6 +58,7 @@ def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
         r = rr // pad
         S = z.shape[1]
         cum = 0.0                                    # exclusive sum of the log transmission
+        tpi, tpq = _taps(taps_i, taps_q, K)
         bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
         bq = ti.Vector.zero(float, 2 * K + 1)
         for s in range(S + K):
@@ -73,11 +85,11 @@ def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
                 ai, aq = 0.0, 0.0
                 for k in ti.static(range(-K, K + 1)):
                     m = ti.static(K - k)
-                    ai += taps_i[k + K] * bi[m]
-                    aq += taps_q[k + K] * bi[m]
+                    ai += tpi[k + K] * bi[m]
+                    aq += tpq[k + K] * bi[m]
                     if ti.static(mode == 0):
-                        ai -= taps_q[k + K] * bq[m]
-                        aq += taps_i[k + K] * bq[m]
+                        ai -= tpq[k + K] * bq[m]
+                        aq += tpi[k + K] * bq[m]
                 iq_i[r, s0] = ai
                 iq_q[r, s0] = aq
 
@@ -95,15 +107,17 @@ def _echo_iq_bwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
         S = z.shape[1]
         gcum = 0.0              # adjoint of logt[s] = sum over s' > s of the adjoint of cum[s']
         pz, pc = 0.0, 0.0       # adjoints of z[r, s + 1], cosw[r, s + 1] from step s + 1
+        tpi, tpq = _taps(taps_i, taps_q, K)
         for kk in range(S):
             s = S - 1 - kk
             grf, grfq = 0.0, 0.0                     # transpose axial pulse (image._axial_iq_bwd)
             for k in ti.static(range(-K, K + 1)):
                 j = s + k
                 if 0 <= j < S:
-                    grf += taps_i[k + K] * iq_i.grad[r, j] + taps_q[k + K] * iq_q.grad[r, j]
+                    gi, gq = iq_i.grad[r, j], iq_q.grad[r, j]
+                    grf += tpi[k + K] * gi + tpq[k + K] * gq
                     if ti.static(mode == 0):
-                        grfq += -taps_q[k + K] * iq_i.grad[r, j] + taps_i[k + K] * iq_q.grad[r, j]
+                        grfq += -tpq[k + K] * gi + tpi[k + K] * gq
             g = gain[r, s]
             gg = 0.0                                 # adjoint of gain[r, s]
             if ti.static(mode == 0):
@@ -116,6 +130,7 @@ def _echo_iq_bwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
                 z0, z1 = z[r, s], z[r, s + 1]
                 den = z1 + z0 + 2.0 * Z_REF
                 rc = (z1 - z0) / den
+                iden = 1.0 / den
                 c0, c1 = cosw[r, s], cosw[r, s + 1]
                 w = ti.max(c0, c1)
                 gg += grf * w * rc
@@ -127,9 +142,9 @@ def _echo_iq_bwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
                 q = 1.0 - rc * rc
                 if q > 1e-30:
                     grc += gcum / q * (-2.0 * rc)
-                z.grad[r, s + 1] = z.grad[r, s + 1] + pz + grc * (1.0 - rc) / den
+                z.grad[r, s + 1] = z.grad[r, s + 1] + pz + grc * (1.0 - rc) * iden
                 cosw.grad[r, s + 1] = cosw.grad[r, s + 1] + pc + gc1
-                pz = -grc * (1.0 + rc) / den
+                pz = -grc * (1.0 + rc) * iden
                 pc = gc0
             alpha.grad[r, s] = alpha.grad[r, s] - 2.0 * np_step * gcum
             gcum += gg * g
@@ -158,7 +173,8 @@ def _echo_iq_grad(z, alpha, scat, scat_q, cosw, np_step, taps_i, taps_q, K, mode
 
 @ti.kernel
 def _lel_fwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: ti.template(),
-             n_lines: ti.i32, mean: ti.template(), gain: ti.template(), strength: ti.template(),
+             n_lines: ti.template(), mean: ti.template(), gain: ti.template(),
+             strength: ti.template(),
              c: ti.template(), gain_db: float, tgc: float, dr: float, li: ti.template(),
              lq: ti.template(), gli: ti.template(), glq: ti.template(), bmode: ti.template()):
     for r, s in bmode:
@@ -171,6 +187,8 @@ def _lel_fwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: 
                 aq += w * iq_q[r + m, s]
         li[r, s] = ai
         lq[r, s] = aq
+    for r, s in bmode:                 # (a separate loop: ~25 % faster on CPU)
+        ai, aq = li[r, s], lq[r, s]
         env = ti.sqrt(ai * ai + aq * aq + 1e-24)
         if ti.static(mean):
             d = gain[r, s] * strength[r, s]
@@ -181,7 +199,8 @@ def _lel_fwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: 
 
 @ti.kernel
 def _lel_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: ti.template(),
-             n_lines: ti.i32, mean: ti.template(), gain: ti.template(), strength: ti.template(),
+             n_lines: ti.template(), mean: ti.template(), gain: ti.template(),
+             strength: ti.template(),
              c: ti.template(), gain_db: float, tgc: float, dr: float, li: ti.template(),
              lq: ti.template(), gli: ti.template(), glq: ti.template(), bmode: ti.template()):
     for r, s in bmode:                 # adjoint of log_compress, (add_incoherent), envelope
@@ -221,15 +240,16 @@ def _lel_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: 
 def lateral_envelope_log(iq_i, iq_q, lat_w, M, n_lines, mean, gain, strength, c, gain_db, tgc,
                          dr, li, lq, gli, glq, bmode):
     """B-mode lines bmode (rays, samples) in [0, 1] from the axial I/Q: lateral sum with
-    lat_w[s, m] over the lines of each frame (kept in li, lq), envelope, with ``mean`` (static)
-    sqrt(env^2 + c[s] (gain strength)^2), then clip((20 log10 env + gain_db + tgc s + dr) / dr,
-    0, 1) (dB, dB per sample). gli, glq (rays, samples): adjoint scratch (no gradient)."""
-    _lel_fwd(iq_i, iq_q, lat_w, M, n_lines, mean, gain, strength, c, float(gain_db), float(tgc),
-             float(dr), li, lq, gli, glq, bmode)
+    lat_w[s, m] over the n_lines (static) lines of each frame (kept in li, lq), envelope, with
+    ``mean`` (static) sqrt(env^2 + c[s] (gain strength)^2), then
+    clip((20 log10 env + gain_db + tgc s + dr) / dr, 0, 1) (dB, dB per sample).
+    gli, glq (rays, samples): adjoint scratch (no gradient)."""
+    _lel_fwd(iq_i, iq_q, lat_w, M, int(n_lines), mean, gain, strength, c, float(gain_db),
+             float(tgc), float(dr), li, lq, gli, glq, bmode)
 
 
 @ti.ad.grad_for(lateral_envelope_log)
 def _lateral_envelope_log_grad(iq_i, iq_q, lat_w, M, n_lines, mean, gain, strength, c, gain_db,
                                tgc, dr, li, lq, gli, glq, bmode):
-    _lel_bwd(iq_i, iq_q, lat_w, M, n_lines, mean, gain, strength, c, float(gain_db), float(tgc),
-             float(dr), li, lq, gli, glq, bmode)
+    _lel_bwd(iq_i, iq_q, lat_w, M, int(n_lines), mean, gain, strength, c, float(gain_db),
+             float(tgc), float(dr), li, lq, gli, glq, bmode)
