@@ -110,12 +110,14 @@ def _ncc_fwd(a: ti.template(), m: ti.template(), bc: ti.template(), inv_n: float
         st[0] += rows[y, 0]
     for y in range(a.shape[0]):
         mu = st[0] * inv_n
-        rows[y, 0], rows[y, 1], rows[y, 2] = 0.0, 0.0, 0.0
+        rows[y, 1], rows[y, 2] = 0.0, 0.0
+        c0 = 0.0
         for x in range(a.shape[1]):
             d = a[y, x] - mu
-            rows[y, 0] += m[y, x] * d
+            c0 += m[y, x] * d
             rows[y, 1] += m[y, x] * d * d
             rows[y, 2] += bc[y, x] * a[y, x]
+        rows[y, 0] = c0
     for y in range(a.shape[0]):
         st[1] += rows[y, 1]
         st[2] += rows[y, 2]
