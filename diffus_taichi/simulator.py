@@ -203,8 +203,9 @@ class Simulator:
         # fields of the fused forward path; the staged path's own fields come with
         # _alloc_staged (at construction when gradients or another echo model need them, else on
         # the first staged render): a batch of B frames then costs 4 floats per sample, not ~24
-        self.iq_i, self.iq_q, self.env, self.bmode = (ti.field(real, shape=(NR, NS), needs_grad=g)
-                                                      for _ in range(4))
+        ge = g and not (self.tape_fused and self.echo_model == "primary")   # forward_tape: no env
+        self.iq_i, self.iq_q, self.env, self.bmode = (ti.field(real, shape=(NR, NS), needs_grad=x)
+                                                      for x in (g, g, ge, g))
         ti_, tq = image.axial_taps(p)
         self.K = (len(ti_) - 1) // 2
         self.taps_i = ti.field(real, shape=len(ti_))
