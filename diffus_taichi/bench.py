@@ -458,7 +458,7 @@ def time_backward(sim, repeats: int, loss: str = "ncc", wrt=("pose",), pose0=Non
         ti.sync()
         tf[i] = time.perf_counter() - t
         t = time.perf_counter()
-        sim.forward_staged()     # the staged kernels that the Tape records and differentiates
+        sim.forward_staged()     # the staged kernels (Tape path of layered/reverb)
         ti.sync()
         ts[i] = time.perf_counter() - t
         t = time.perf_counter()

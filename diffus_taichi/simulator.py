@@ -9,7 +9,9 @@ formation -> scan conversion, with every stage held in preallocated Taichi field
     fans = sims.render_batch(poses)     # (16, H, W)
 
 Rendering without a gradient runs the fused forward kernels (:mod:`diffus_taichi.fused`);
-under ``ti.ad.Tape`` (value_and_grad, vjp) the staged kernels, one field per stage.
+under ``ti.ad.Tape`` (value_and_grad, vjp) the primary model runs the fused kernels with
+hand-written adjoints of :mod:`diffus_taichi.tape_fused`, the other models the staged kernels,
+one field per stage.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from .volume import Volume, load_volume
 log = logging.getLogger(__name__)
 
 ECHO_MODELS = ("primary", "layered", "reverb")
+SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}     # static mode of the fused kernels
 
 
 @dataclass
@@ -95,6 +98,10 @@ class Simulator:
             The choice is logged and kept in ``self.storage``.
         **settings: fields of :class:`ImagingSettings`.
     """
+
+    # primary model under ti.ad.Tape: fused kernels with hand-written adjoints (tape_fused);
+    # False (set before construction): the staged kernels, one gradient field per stage
+    tape_fused = True
 
     def __init__(self, volume="brain", probe="craniotomy", mapping="auto", echo_model="primary",
                  arch=None, precision="f32", requires_grad=False, share_volume_with=None,
@@ -196,8 +203,9 @@ class Simulator:
         # fields of the fused forward path; the staged path's own fields come with
         # _alloc_staged (at construction when gradients or another echo model need them, else on
         # the first staged render): a batch of B frames then costs 4 floats per sample, not ~24
-        self.iq_i, self.iq_q, self.env, self.bmode = (ti.field(real, shape=(NR, NS), needs_grad=g)
-                                                      for _ in range(4))
+        ge = g and not (self.tape_fused and self.echo_model == "primary")   # forward_tape: no env
+        self.iq_i, self.iq_q, self.env, self.bmode = (ti.field(real, shape=(NR, NS), needs_grad=x)
+                                                      for x in (g, g, ge, g))
         ti_, tq = image.axial_taps(p)
         self.K = (len(ti_) - 1) // 2
         self.taps_i = ti.field(real, shape=len(ti_))
@@ -220,15 +228,20 @@ class Simulator:
             return
         real, g = self.real, bool(self.requires_grad)
         NR, NS = self.probe.n_lines * self.batch, self.probe.n_samples
+        fused = self.tape_fused and self.echo_model == "primary"
+        gs = g and not fused              # stages that the fused Tape path skips
 
         def f2(grad=g):
             return ti.field(real, shape=(NR, NS), needs_grad=grad)
 
         self.z, self.alpha, self.scat, self.cosw = f2(), f2(), f2(), f2()
-        self.logt, self.att2, self.cum, self.echo, self.gain = f2(), f2(), f2(), f2(), f2()
-        self.rf, self.lat_i, self.lat_q = f2(), f2(), f2()
-        self.scat_q, self.rf_q = f2(), f2()
-        self.env_mean = f2()              # used by speckle='mean' only
+        self.logt, self.att2, self.cum, self.echo, self.gain = f2(gs), f2(gs), f2(gs), f2(gs), f2()
+        self.rf, self.lat_i, self.lat_q = f2(gs), f2(gs), f2(gs)
+        self.scat_q, self.rf_q = f2(), f2(gs)
+        self.env_mean = f2(gs)            # used by speckle='mean' only
+        if fused and g:                   # adjoint scratch of tape_fused.lateral_envelope_log
+            self._gli, self._glq = f2(False), f2(False)
+        self._tape_fused = fused
         if self.echo_model == "layered":
             self.cumatt, self.ret, self.tr2 = f2(), f2(), f2()
             self.sR, self.sRp, self.sP = f2(False), f2(False), f2(False)
@@ -378,10 +391,15 @@ class Simulator:
         volume is computed by :meth:`update_acoustics`, outside the per-frame path).
 
         Outside a ``ti.ad.Tape`` the ``primary`` model runs the fused forward-only kernels
-        (:mod:`diffus_taichi.fused`: 5 launches, no intermediate fields); inside a Tape, or
-        for the other echo models, the staged differentiable kernels (:meth:`forward_staged`)."""
-        if self.echo_model == "primary" and ti.lang.impl.get_runtime().target_tape is None:
+        (:mod:`diffus_taichi.fused`: 5 launches, no intermediate fields), inside a Tape the
+        fused differentiable ones (:meth:`forward_tape`); the other echo models (and
+        ``tape_fused = False``) the staged differentiable kernels (:meth:`forward_staged`)."""
+        if self.echo_model != "primary":
+            self.forward_staged()
+        elif ti.lang.impl.get_runtime().target_tape is None:
             self.forward_fused()
+        elif getattr(self, "_tape_fused", self.tape_fused):
+            self.forward_tape()
         else:
             self.forward_staged()
 
@@ -455,6 +473,44 @@ class Simulator:
             env = self.env_mean
         image.log_compress(env, s.gain_db, tgc, s.dynamic_range_db, self.bmode)
         scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
+
+    def forward_tape(self):
+        """Primary model under ``ti.ad.Tape``: the march, then the fused differentiable kernels
+        of :mod:`diffus_taichi.tape_fused` (hand-written adjoints) instead of the stage chain;
+        same values as :meth:`forward_staged` (fills z..cosw, gain, iq, lat_i/q, bmode, fan)."""
+        from . import tape_fused
+
+        self._alloc_staged()
+        p, s = self.probe, self.settings
+        self._rays()
+        mode = self.speckle_mode
+        pad = backend.ray_loop_pad(self.z.shape[0])
+        march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
+                    self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,
+                    self.elev_off, self.elev_w, self._n_elev, mode == "coherent",
+                    self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad)
+        np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
+        tape_fused.echo_iq(self.z, self.alpha, self.scat, self.scat_q, self.cosw, np_step,
+                           self.taps_i, self.taps_q, self.K, SPECKLE_MODES[mode], self.gain,
+                           self.iq_i, self.iq_q, pad)
+        tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
+        gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)
+        tape_fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
+                                        mode == "mean", self.gain, self.scat, self._speckle_c,
+                                        s.gain_db, tgc, s.dynamic_range_db, self.lat_i,
+                                        self.lat_q, gli, glq, self.bmode)
+        adj = getattr(self, "_scan_adj", None)
+        if adj is None:
+            scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
+        else:
+            scan.scan_convert_ad(self.bmode, self.sc_base, self.sc_frac, self.fan, adj)
+
+    def _prepare_tape(self):
+        """Fields the Tape path builds on first use (outside the Tape: they are uploaded)."""
+        if (self.echo_model == "primary" and getattr(self, "_tape_fused", False)
+                and getattr(self, "_scan_adj", None) is None):
+            self._scan_adj = scan.ScanAdjoint(self.sc_base.to_numpy(), self.sc_frac.to_numpy(),
+                                              self.probe.n_lines, self.probe.n_samples, self.real)
 
     def _alloc_imaging(self):
         """Fields and constants of the coherent scatterer model (march.scatterer_sum) and the
@@ -674,6 +730,7 @@ class Simulator:
             raise RuntimeError("no target: call set_loss(target, ...) or pass target=")
         self.set_pose(pose)
         self.loss_fn.reset()
+        self._prepare_tape()
         clear_all_gradients()            # one launch (the Tape's own clear: one per field)
         with ti.ad.Tape(loss=self.loss_fn.value, clear_gradients=False):
             if "mapping" in wrt:
@@ -695,6 +752,7 @@ class Simulator:
             self._vjp_out = ti.field(self.real, shape=(), needs_grad=True)
         self._vjp_w.from_numpy(fan_grad)
         self.set_pose(pose)
+        self._prepare_tape()
         clear_all_gradients()
         with ti.ad.Tape(loss=self._vjp_out, clear_gradients=False):
             if "mapping" in wrt:
