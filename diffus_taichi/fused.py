@@ -33,7 +33,7 @@ SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}
 
 
 @ti.func
-def _shift_in(buf, v, K: ti.template()):
+def shift_in(buf, v, K: ti.template()):
     """Shift register of 2K+1 values: drop buf[0], append v."""
     out = buf
     for m in ti.static(range(2 * K)):
@@ -133,13 +133,13 @@ def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.templat
                         rfq = g * sq_p
                     if ti.static(mode == 1):
                         incoh[r, s - 1] = g * st_p
-                    bi = _shift_in(bi, rf, K)
-                    bq = _shift_in(bq, rfq, K)
+                    bi = shift_in(bi, rf, K)
+                    bq = shift_in(bq, rfq, K)
                     g = g_next
                 z_p, a_p, cos_p, si_p, sq_p, st_p = prop[0], prop[1], cw, si, sq, prop[2]
             else:                                    # past the line: zeros flush the register
-                bi = _shift_in(bi, 0.0, K)
-                bq = _shift_in(bq, 0.0, K)
+                bi = shift_in(bi, 0.0, K)
+                bq = shift_in(bq, 0.0, K)
             s0 = s - 1 - K                           # register holds rf[s0 - K .. s0 + K]
             if s0 >= 0:
                 iq_i[r, s0], iq_q[r, s0] = _pulse(bi, bq, taps_i, taps_q, K, ti.static(mode == 0))
@@ -196,14 +196,14 @@ def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.tem
             bq = ti.Vector.zero(float, 2 * M + 1)
             for k in ti.static(range(M)):               # lines 0 .. M - 1
                 if k < n_lines:
-                    bi = _shift_in(bi, iq_i[base + k, s], M)
-                    bq = _shift_in(bq, iq_q[base + k, s], M)
+                    bi = shift_in(bi, iq_i[base + k, s], M)
+                    bq = shift_in(bq, iq_q[base + k, s], M)
             for l in range(n_lines):
                 vi, vq = 0.0, 0.0
                 if l + M < n_lines:
                     vi, vq = iq_i[base + l + M, s], iq_q[base + l + M, s]
-                bi = _shift_in(bi, vi, M)
-                bq = _shift_in(bq, vq, M)
+                bi = shift_in(bi, vi, M)
+                bq = shift_in(bq, vq, M)
                 ai, aq = 0.0, 0.0
                 for m in ti.static(range(2 * M + 1)):
                     ai += w[m] * bi[m]

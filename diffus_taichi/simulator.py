@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import taichi as ti
 
-from . import backend, echo, image, march, property_volume, rays, scan
+from . import backend, echo, fused, image, march, property_volume, rays, scan
 from .acoustics import AcousticMapping, get_mapping
 from .fieldio import Uploader, clear_all_gradients
 from .pose import Pose
@@ -32,7 +32,6 @@ from .volume import Volume, load_volume
 log = logging.getLogger(__name__)
 
 ECHO_MODELS = ("primary", "layered", "reverb")
-SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}     # static mode of the fused kernels
 
 
 @dataclass
@@ -413,8 +412,6 @@ class Simulator:
         f32 rounding; fills only ``self.fan`` (and the rays)."""
         if self.echo_model != "primary":
             raise ValueError("the fused forward path implements the 'primary' echo model only")
-        from . import fused
-
         p, s = self.probe, self.settings
         mode = self.speckle_mode
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
@@ -491,7 +488,7 @@ class Simulator:
                     self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad)
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         tape_fused.echo_iq(self.z, self.alpha, self.scat, self.scat_q, self.cosw, np_step,
-                           self.taps_i, self.taps_q, self.K, SPECKLE_MODES[mode], self.gain,
+                           self.taps_i, self.taps_q, self.K, fused.SPECKLE_MODES[mode], self.gain,
                            self.iq_i, self.iq_q, pad)
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)

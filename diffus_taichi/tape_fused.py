@@ -22,17 +22,8 @@ No ``from __future__ import annotations`` here: the module holds Taichi kernels.
 import taichi as ti
 
 from .echo import Z_REF
+from .fused import shift_in
 from .image import DB_PER_NEPER
-
-
-@ti.func
-def _shift_in(buf, v, K: ti.template()):
-    """Shift register of 2K+1 values: drop buf[0], append v."""
-    out = buf
-    for m in ti.static(range(2 * K)):
-        out[m] = buf[m + 1]
-    out[2 * K] = v
-    return out
 
 
 @ti.func
@@ -78,8 +69,8 @@ def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
                 if ti.static(mode == 0):
                     rf = e + g * scat[r, s]
                     rfq = g * scat_q[r, s]
-            bi = _shift_in(bi, rf, K)
-            bq = _shift_in(bq, rfq, K)
+            bi = shift_in(bi, rf, K)
+            bq = shift_in(bq, rfq, K)
             s0 = s - K                               # register holds rf[s0 - K .. s0 + K]
             if s0 >= 0:
                 ai, aq = 0.0, 0.0
