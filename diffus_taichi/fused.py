@@ -23,7 +23,7 @@ of B frames are stacked: ray r belongs to frame r // n_lines.
 
 import taichi as ti
 
-from .image import DB_PER_NEPER
+from .image import DB_PER_NEPER, lateral_at
 from .march import (cached_corners, cell_phasors, elevation_axis, incidence_cos,
                     interp_corners, no_cached_corners, speckle_sample)
 from .rays import mat3_vec, pose_transform, voxel_affine
@@ -174,15 +174,7 @@ def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.tem
     output instead of 3 (2M+1)); only every pad-th loop index works (backend.ray_loop_pad)."""
     if ti.static(pad == 0):
         for r, s in bmode:
-            lr = r % n_lines
-            base = r - lr
-            ai, aq = 0.0, 0.0
-            for m in ti.static(range(-M, M + 1)):
-                j = lr + m
-                if 0 <= j < n_lines:
-                    w = lat_w[s, m + M]
-                    ai += w * iq_i[base + j, s]
-                    aq += w * iq_q[base + j, s]
+            ai, aq = lateral_at(iq_i, iq_q, lat_w, M, n_lines, r, s)
             bmode[r, s] = _bmode_value(ai, aq, r, s, mean, incoh, c, gain_db, tgc_db_per_sample,
                                        dynamic_range_db)
     else:

@@ -119,19 +119,26 @@ def _axial_iq_grad(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q):
     _axial_iq_bwd(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q)
 
 
+@ti.func
+def lateral_at(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
+               M: ti.template(), n_lines, r, s):
+    """Lateral beam sum (I, Q) at line r, sample s: lat_w[s, m + M] iq[r + m, s] summed over
+    |m| <= M, lines of the same frame only (rays r = b n_lines + l)."""
+    lr = r % n_lines
+    ai, aq = 0.0, 0.0
+    for m in ti.static(range(-M, M + 1)):
+        if 0 <= lr + m < n_lines:
+            w = lat_w[s, m + M]
+            ai += w * iq_i[r + m, s]
+            aq += w * iq_q[r + m, s]
+    return ai, aq
+
+
 @ti.kernel
 def _lateral_sum(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
                  M: ti.template(), n_lines: ti.i32, li: ti.template(), lq: ti.template()):
     for r, s in li:
-        lr = r % n_lines
-        ai, aq = 0.0, 0.0
-        for m in ti.static(range(-M, M + 1)):
-            if 0 <= lr + m < n_lines:
-                w = lat_w[s, m + M]
-                ai += w * iq_i[r + m, s]
-                aq += w * iq_q[r + m, s]
-        li[r, s] = ai
-        lq[r, s] = aq
+        li[r, s], lq[r, s] = lateral_at(iq_i, iq_q, lat_w, M, n_lines, r, s)
 
 
 @ti.kernel
