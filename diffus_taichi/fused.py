@@ -43,18 +43,28 @@ def shift_in(buf, v, K: ti.template()):
 
 
 @ti.func
-def _pulse(bi, bq, taps_i: ti.template(), taps_q: ti.template(), K: ti.template(),
-           cplx: ti.template()):
+def tap_registers(taps_i: ti.template(), taps_q: ti.template(), K: ti.template()):
+    """The 2K+1 axial taps as registers (loaded once per ray)."""
+    tpi = ti.Vector.zero(float, 2 * K + 1)
+    tpq = ti.Vector.zero(float, 2 * K + 1)
+    for k in ti.static(range(2 * K + 1)):
+        tpi[k] = taps_i[k]
+        tpq[k] = taps_q[k]
+    return tpi, tpq
+
+
+@ti.func
+def pulse(bi, bq, tpi, tpq, K: ti.template(), cplx: ti.template()):
     """Axial complex pulse at the centre of the register (bi, bq) = rf[s0 - K .. s0 + K]:
-    sum_k taps[k] (rf + i rf_q)[s0 - k], as image._axial_iq."""
+    sum_k taps[k] (rf + i rf_q)[s0 - k] (taps from :func:`tap_registers`), as image._axial_iq."""
     ai, aq = 0.0, 0.0
     for k in ti.static(range(-K, K + 1)):
         m = ti.static(K - k)
-        ai += taps_i[k + K] * bi[m]
-        aq += taps_q[k + K] * bi[m]
+        ai += tpi[k + K] * bi[m]
+        aq += tpq[k + K] * bi[m]
         if ti.static(cplx):
-            ai -= taps_q[k + K] * bq[m]
-            aq += taps_i[k + K] * bq[m]
+            ai -= tpq[k + K] * bq[m]
+            aq += tpi[k + K] * bq[m]
     return ai, aq
 
 
@@ -100,6 +110,7 @@ def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.templat
         zero = ti.Vector.zero(float, 3)
         z_p, a_p, cos_p, si_p, sq_p, st_p = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0   # previous sample
         g = 1.0                                      # two-way transmission down to it
+        tpi, tpq = tap_registers(taps_i, taps_q, K)
         bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
         bq = ti.Vector.zero(float, 2 * K + 1)
         for s in range(S + 1 + K):
@@ -142,19 +153,19 @@ def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.templat
                 bq = shift_in(bq, 0.0, K)
             s0 = s - 1 - K                           # register holds rf[s0 - K .. s0 + K]
             if s0 >= 0:
-                iq_i[r, s0], iq_q[r, s0] = _pulse(bi, bq, taps_i, taps_q, K, ti.static(mode == 0))
+                iq_i[r, s0], iq_q[r, s0] = pulse(bi, bq, tpi, tpq, K, ti.static(mode == 0))
 
 
 @ti.func
-def _bmode_value(ai, aq, r, s, mean: ti.template(), incoh: ti.template(), c: ti.template(),
-                 gain_db, tgc_db_per_sample, dynamic_range_db):
-    """B-mode value in [0, 1] of line r, sample s from its laterally summed I/Q: envelope
-    |I + iQ| (with ``mean``: sqrt(env^2 + c[s] incoh^2)), then
-    clip((20 log10 env + gain + TGC s + DR) / DR, 0, 1), as image.envelope .. log_compress."""
+def bmode_value(ai, aq, s, mean: ti.template(), d, cs, gain_db, tgc_db_per_sample,
+                dynamic_range_db):
+    """B-mode value in [0, 1] of sample s from its laterally summed I/Q: envelope |I + iQ|
+    (with ``mean``: sqrt(env^2 + cs d^2), d = two-way gain x scattering strength, cs = c[s]),
+    then clip((20 log10 env + gain + TGC s + DR) / DR, 0, 1), as image.envelope ..
+    log_compress."""
     env = ti.sqrt(ai * ai + aq * aq + 1e-24)
     if ti.static(mean):
-        d = incoh[r, s]
-        env = ti.sqrt(env * env + c[s] * d * d)
+        env = ti.sqrt(env * env + cs * d * d)
     db = DB_PER_NEPER * ti.log(env) + gain_db + tgc_db_per_sample * s
     return ti.min(ti.max((db + dynamic_range_db) / dynamic_range_db, 0.0), 1.0)
 
@@ -166,7 +177,7 @@ def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.tem
                          tgc_db_per_sample: float, dynamic_range_db: float, bmode: ti.template(),
                          pad: ti.template()):
     """B-mode lines (rays, samples) in [0, 1]: lateral beam sum over the lines of the same frame
-    (weights lat_w[s, m], lines outside the frame count as zero), then :func:`_bmode_value`; as
+    (weights lat_w[s, m], lines outside the frame count as zero), then :func:`bmode_value`; as
     image.lateral_sum .. log_compress.
 
     pad = 0 (GPU backends): one thread per (line, sample). pad >= 1 (CPU): one task per (frame,
@@ -175,8 +186,9 @@ def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.tem
     if ti.static(pad == 0):
         for r, s in bmode:
             ai, aq = lateral_at(iq_i, iq_q, lat_w, M, n_lines, r, s)
-            bmode[r, s] = _bmode_value(ai, aq, r, s, mean, incoh, c, gain_db, tgc_db_per_sample,
-                                       dynamic_range_db)
+            d, cs = (incoh[r, s], c[s]) if ti.static(mean) else (0.0, 0.0)
+            bmode[r, s] = bmode_value(ai, aq, s, mean, d, cs, gain_db, tgc_db_per_sample,
+                                      dynamic_range_db)
     else:
         for ii in range(bmode.shape[0] // n_lines * bmode.shape[1] * pad):
             if ii % pad != 0:
@@ -200,5 +212,6 @@ def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.tem
                 for m in ti.static(range(2 * M + 1)):
                     ai += w[m] * bi[m]
                     aq += w[m] * bq[m]
-                bmode[base + l, s] = _bmode_value(ai, aq, base + l, s, mean, incoh, c, gain_db,
-                                                  tgc_db_per_sample, dynamic_range_db)
+                d, cs = (incoh[base + l, s], c[s]) if ti.static(mean) else (0.0, 0.0)
+                bmode[base + l, s] = bmode_value(ai, aq, s, mean, d, cs, gain_db,
+                                                 tgc_db_per_sample, dynamic_range_db)

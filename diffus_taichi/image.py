@@ -134,6 +134,21 @@ def lateral_at(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
     return ai, aq
 
 
+@ti.func
+def lateral_at_transpose(gl_i: ti.template(), gl_q: ti.template(), lat_w: ti.template(),
+                         M: ti.template(), n_lines, j, s):
+    """Transpose of :func:`lateral_at` as a gather (no atomics): sum over |m| <= M of
+    lat_w[s, m + M] gl[j - m, s], lines of the same frame only."""
+    lj = j % n_lines
+    gi, gq = 0.0, 0.0
+    for m in ti.static(range(-M, M + 1)):
+        if 0 <= lj - m < n_lines:
+            w = lat_w[s, m + M]
+            gi += w * gl_i[j - m, s]
+            gq += w * gl_q[j - m, s]
+    return gi, gq
+
+
 @ti.kernel
 def _lateral_sum(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
                  M: ti.template(), n_lines: ti.i32, li: ti.template(), lq: ti.template()):
@@ -146,13 +161,7 @@ def _lateral_sum_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.templat
                      M: ti.template(), n_lines: ti.i32, li: ti.template(), lq: ti.template()):
     """Transpose stencil as a gather: iq.grad[j, s] = sum_m w[s, m] l.grad[j - m, s]."""
     for j, s in li:
-        lj = j % n_lines
-        gi, gq = 0.0, 0.0
-        for m in ti.static(range(-M, M + 1)):
-            if 0 <= lj - m < n_lines:
-                w = lat_w[s, m + M]
-                gi += w * li.grad[j - m, s]
-                gq += w * lq.grad[j - m, s]
+        gi, gq = lateral_at_transpose(li.grad, lq.grad, lat_w, M, n_lines, j, s)
         iq_i.grad[j, s] += gi
         iq_q.grad[j, s] += gq
 

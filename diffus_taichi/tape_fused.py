@@ -21,20 +21,9 @@ No ``from __future__ import annotations`` here: the module holds Taichi kernels.
 """
 import taichi as ti
 
-from .echo import Z_REF
-from .fused import shift_in
-from .image import DB_PER_NEPER, lateral_at
-
-
-@ti.func
-def _taps(taps_i: ti.template(), taps_q: ti.template(), K: ti.template()):
-    """The 2K+1 axial taps as registers (loaded once per ray)."""
-    tpi = ti.Vector.zero(float, 2 * K + 1)
-    tpq = ti.Vector.zero(float, 2 * K + 1)
-    for k in ti.static(range(2 * K + 1)):
-        tpi[k] = taps_i[k]
-        tpq[k] = taps_q[k]
-    return tpi, tpq
+from .echo import Z_REF, refl
+from .fused import bmode_value, pulse, shift_in, tap_registers
+from .image import DB_PER_NEPER, lateral_at, lateral_at_transpose
 
 
 @ti.kernel
@@ -49,7 +38,7 @@ def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
         r = rr // pad
         S = z.shape[1]
         cum = 0.0                                    # exclusive sum of the log transmission
-        tpi, tpq = _taps(taps_i, taps_q, K)
+        tpi, tpq = tap_registers(taps_i, taps_q, K)
         bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
         bq = ti.Vector.zero(float, 2 * K + 1)
         for s in range(S + K):
@@ -59,8 +48,7 @@ def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
                 a = alpha[r, s] * np_step
                 lt, e = 0.0, 0.0
                 if s < S - 1:
-                    z0, z1 = z[r, s], z[r, s + 1]
-                    rc = (z1 - z0) / (z1 + z0 + 2.0 * Z_REF)
+                    rc = refl(z[r, s], z[r, s + 1])
                     lt = ti.log(ti.max(1.0 - rc * rc, 1e-30))
                     e = ti.max(cosw[r, s], cosw[r, s + 1]) * rc * g
                 cum += lt - 2.0 * a
@@ -73,16 +61,7 @@ def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
             bq = shift_in(bq, rfq, K)
             s0 = s - K                               # register holds rf[s0 - K .. s0 + K]
             if s0 >= 0:
-                ai, aq = 0.0, 0.0
-                for k in ti.static(range(-K, K + 1)):
-                    m = ti.static(K - k)
-                    ai += tpi[k + K] * bi[m]
-                    aq += tpq[k + K] * bi[m]
-                    if ti.static(mode == 0):
-                        ai -= tpq[k + K] * bq[m]
-                        aq += tpi[k + K] * bq[m]
-                iq_i[r, s0] = ai
-                iq_q[r, s0] = aq
+                iq_i[r, s0], iq_q[r, s0] = pulse(bi, bq, tpi, tpq, K, ti.static(mode == 0))
 
 
 @ti.kernel
@@ -98,7 +77,7 @@ def _echo_iq_bwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
         S = z.shape[1]
         gcum = 0.0              # adjoint of logt[s] = sum over s' > s of the adjoint of cum[s']
         pz, pc = 0.0, 0.0       # adjoints of z[r, s + 1], cosw[r, s + 1] from step s + 1
-        tpi, tpq = _taps(taps_i, taps_q, K)
+        tpi, tpq = tap_registers(taps_i, taps_q, K)
         for kk in range(S):
             s = S - 1 - kk
             grf, grfq = 0.0, 0.0                     # transpose axial pulse (image._axial_iq_bwd)
@@ -171,13 +150,8 @@ def _lel_fwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: 
     for r, s in bmode:
         li[r, s], lq[r, s] = lateral_at(iq_i, iq_q, lat_w, M, n_lines, r, s)
     for r, s in bmode:                 # (a separate loop: ~25 % faster on CPU)
-        ai, aq = li[r, s], lq[r, s]
-        env = ti.sqrt(ai * ai + aq * aq + 1e-24)
-        if ti.static(mean):
-            d = gain[r, s] * strength[r, s]
-            env = ti.sqrt(env * env + c[s] * d * d)
-        db = DB_PER_NEPER * ti.log(env) + gain_db + tgc * s
-        bmode[r, s] = ti.min(ti.max((db + dr) / dr, 0.0), 1.0)
+        d, cs = (gain[r, s] * strength[r, s], c[s]) if ti.static(mean) else (0.0, 0.0)
+        bmode[r, s] = bmode_value(li[r, s], lq[r, s], s, mean, d, cs, gain_db, tgc, dr)
 
 
 @ti.kernel
@@ -208,13 +182,7 @@ def _lel_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: 
         gli[r, s] = 2.0 * ai * gx
         glq[r, s] = 2.0 * aq * gx
     for j, s in bmode:                 # transpose lateral stencil (image._lateral_sum_bwd)
-        lj = j % n_lines
-        gi, gq = 0.0, 0.0
-        for m in ti.static(range(-M, M + 1)):
-            if 0 <= lj - m < n_lines:
-                w = lat_w[s, m + M]
-                gi += w * gli[j - m, s]
-                gq += w * glq[j - m, s]
+        gi, gq = lateral_at_transpose(gli, glq, lat_w, M, n_lines, j, s)
         iq_i.grad[j, s] = iq_i.grad[j, s] + gi
         iq_q.grad[j, s] = iq_q.grad[j, s] + gq
 

@@ -622,7 +622,7 @@ def test_source_memo_equals_getsourcelines():
 
     assert backend.PATCHES.get("source_memo") in ("applied", "already applied")
     for obj in (march.scatterer_sum, march.fast_cos_sin, rays.rodrigues, rays.mat3_vec,
-                fused.march_echo_iq, fused._pulse):
+                fused.march_echo_iq, fused.pulse):
         fn = getattr(obj, "func", None) or getattr(obj, "_primal", None) or obj
         fn = getattr(fn, "func", fn)
         for name in ("getsourcelines", "getsourcefile"):
