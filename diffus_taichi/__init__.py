@@ -4,10 +4,14 @@ Data flow (one module per stage): volume -> acoustics -> pose/probe -> rays -> m
 image -> scan -> simulator (facade) -> cli; ``fused`` runs march + echo + image in two kernels
 when no gradient is taken.
 """
-from .acoustics import AcousticMapping, TissueTable, get_mapping, mri_contrast, t1_mapping, t2_mapping
-from .pose import Pose, matrix_to_rotvec, rotvec_to_matrix
-from .probe import PRESETS, Probe, get_probe
-from .volume import BUILTINS, Volume, load_nifti, load_volume, register_builtin
+from .taichi_patches import install_import_hook
+
+install_import_hook()      # before anything imports taichi: see taichi_patches (start-up time)
+
+from .acoustics import AcousticMapping, TissueTable, get_mapping, mri_contrast, t1_mapping, t2_mapping  # noqa: E402
+from .pose import Pose, matrix_to_rotvec, rotvec_to_matrix  # noqa: E402
+from .probe import PRESETS, Probe, get_probe  # noqa: E402
+from .volume import BUILTINS, Volume, load_nifti, load_volume, register_builtin  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -11,9 +11,11 @@ gradient needs none of those intermediates, so here
    not once per sample), runs the primary echo recursion (round-trip transmission carried in
    a register), forms the complex RF and applies the axial Gabor pulse with a (2K+1)-sample
    shift register, writing only the axial I/Q (rays, samples);
-2. :func:`lateral_envelope_log` (per sample) sums the lateral beam across lines of the same
-   frame, takes the envelope (plus the expected diffuse intensity for ``speckle='mean'``) and
-   log-compresses it to the B-mode lines (rays, samples) in [0, 1].
+2. :func:`bmode_fan` (per sample) sums the lateral beam across lines of the same frame, takes
+   the envelope (plus the expected diffuse intensity for ``speckle='mean'``), log-compresses it
+   to the B-mode lines (rays, samples) in [0, 1] and scan-converts them to the fan (a second
+   loop of the same kernel: one kernel fewer to prepare at start-up and to launch per frame),
+   optionally also into a NumPy array (``render()``: no separate copy kernel).
 
 The arithmetic is the staged path's, term by term (same ti.funcs, same order), so on the same
 rays the two agree to the last few f32 ulps (``tests/test_batch_fused.py``; the rays themselves
@@ -28,6 +30,7 @@ from .march import (cached_corners, cell_phasors, elevation_axis, incidence_cos,
                     interp_corners, no_cached_corners, speckle_sample)
 from .rays import mat3_vec, pose_transform, voxel_affine
 from .echo import refl
+from .scan import scan_fan
 
 SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}
 
@@ -35,11 +38,7 @@ SPECKLE_MODES = {"coherent": 0, "mean": 1, "off": 2}
 @ti.func
 def shift_in(buf, v, K: ti.template()):
     """Shift register of 2K+1 values: drop buf[0], append v."""
-    out = buf
-    for m in ti.static(range(2 * K)):
-        out[m] = buf[m + 1]
-    out[2 * K] = v
-    return out
+    return ti.Vector([buf[m + 1] for m in ti.static(range(2 * K))] + [v])
 
 
 @ti.func
@@ -171,14 +170,27 @@ def bmode_value(ai, aq, s, mean: ti.template(), d, cs, gain_db, tgc_db_per_sampl
 
 
 @ti.kernel
+def bmode_fan(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), M: ti.template(),
+              n_lines: ti.template(), mean: ti.template(), incoh: ti.template(), c: ti.template(),
+              gain_db: float, tgc_db_per_sample: float, dynamic_range_db: float,
+              bmode: ti.template(), pad: ti.template(), sc_base: ti.template(),
+              sc_frac: ti.template(), fan: ti.template(), out: ti.types.ndarray(),
+              with_out: ti.template()):
+    """:func:`lateral_envelope_log` into bmode, then scan.scan_fan into fan (and, with_out
+    (static), into the ndarray out of fan's shape; else out is not touched)."""
+    lateral_envelope_log(iq_i, iq_q, lat_w, M, n_lines, mean, incoh, c, gain_db,
+                         tgc_db_per_sample, dynamic_range_db, bmode, pad)
+    scan_fan(bmode, sc_base, sc_frac, fan, out, with_out)
+
+
+@ti.func
 def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
                          M: ti.template(), n_lines: ti.template(), mean: ti.template(),
-                         incoh: ti.template(), c: ti.template(), gain_db: float,
-                         tgc_db_per_sample: float, dynamic_range_db: float, bmode: ti.template(),
-                         pad: ti.template()):
+                         incoh: ti.template(), c: ti.template(), gain_db, tgc_db_per_sample,
+                         dynamic_range_db, bmode: ti.template(), pad: ti.template()):
     """B-mode lines (rays, samples) in [0, 1]: lateral beam sum over the lines of the same frame
     (weights lat_w[s, m], lines outside the frame count as zero), then :func:`bmode_value`; as
-    image.lateral_sum .. log_compress.
+    image.lateral_sum .. log_compress. A parallel loop where inlined at kernel level.
 
     pad = 0 (GPU backends): one thread per (line, sample). pad >= 1 (CPU): one task per (frame,
     sample) walks the frame's lines with a (2M+1)-line window of I/Q in registers (2 loads per

@@ -46,6 +46,17 @@ def voxel_affine(A):
 
 
 @ti.kernel
+def set_poses(pose: ti.template(), seeds: ti.template(), pose_src: ti.types.ndarray(ndim=2),
+              seed_src: ti.types.ndarray(ndim=1)):
+    """pose (B, 6) [t mm, rotvec rad] and seeds (B,) i32 fields from NumPy arrays of the same
+    shapes (one small kernel per frame; cheaper to prepare than a generic upload kernel)."""
+    for b in range(pose.shape[0]):
+        for k in ti.static(range(6)):
+            pose[b, k] = pose_src[b, k]
+        seeds[b] = seed_src[b]
+
+
+@ti.kernel
 def make_rays(pose: ti.template(), line_o: ti.template(), line_d: ti.template(),
               w2v: ti.template(), ro: ti.template(), rd: ti.template(),
               vo: ti.template(), vd: ti.template()):

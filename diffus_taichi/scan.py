@@ -31,16 +31,30 @@ def _bilinear(bmode: ti.template(), b, f, l0):
     return v
 
 
+@ti.func
+def scan_fan(bmode: ti.template(), base: ti.template(), frac: ti.template(), fan: ti.template(),
+             out: ti.template(), with_out: ti.template()):
+    """The loop of :func:`scan_convert` (a parallel loop where it is inlined at kernel level);
+    with_out (static): also write each pixel to ``out`` (an ndarray of fan's shape)."""
+    if ti.static(len(fan.shape) == 2):
+        for y, x in fan:
+            v = _bilinear(bmode, base[y, x], frac[y, x], 0)
+            fan[y, x] = v
+            if ti.static(with_out):
+                out[y, x] = v
+    else:
+        for b, y, x in fan:
+            v = _bilinear(bmode, base[y, x], frac[y, x], b * (bmode.shape[0] // fan.shape[0]))
+            fan[b, y, x] = v
+            if ti.static(with_out):
+                out[b, y, x] = v
+
+
 @ti.kernel
 def scan_convert(bmode: ti.template(), base: ti.template(), frac: ti.template(),
                  fan: ti.template()):
     """bmode (B n_lines, n_samples) -> fan (H, W) (B = 1) or (B, H, W)."""
-    if ti.static(len(fan.shape) == 2):
-        for y, x in fan:
-            fan[y, x] = _bilinear(bmode, base[y, x], frac[y, x], 0)
-    else:
-        for b, y, x in fan:
-            fan[b, y, x] = _bilinear(bmode, base[y, x], frac[y, x], b * (bmode.shape[0] // fan.shape[0]))
+    scan_fan(bmode, base, frac, fan, fan, False)
 
 
 def adjoint_lookup(base: np.ndarray, frac: np.ndarray, n_lines: int, n_samples: int):

@@ -357,9 +357,8 @@ class Simulator:
         seeds = (seeds.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
         out = [self.volume.default_pose if p is None else p if isinstance(p, Pose)
                else Pose.from_vector(p) for p in poses]
-        if getattr(self, "_pose_uploader", None) is None:
-            self._pose_uploader = Uploader([self.pose, self.seeds])   # one launch per frame
-        self._pose_uploader(np.stack([p.as_vector() for p in out]).astype(self._np_real), seeds)
+        rays.set_poses(self.pose, self.seeds,                      # one launch per frame
+                       np.stack([p.as_vector() for p in out]).astype(self._np_real), seeds)
         cov = {}
         for q in out:
             if id(q) not in cov:
@@ -407,9 +406,10 @@ class Simulator:
         if self.speckle_mode == "coherent":
             march.elevation_axes(self.ro, self.rd, self.w2v, self.ey, self.eyv, self.probe.n_lines)
 
-    def forward_fused(self):
+    def forward_fused(self, out: np.ndarray | None = None):
         """Forward-only render (primary model), same result as :meth:`forward_staged` up to
-        f32 rounding; fills only ``self.fan`` (and the rays)."""
+        f32 rounding; fills only ``self.fan`` (and the rays), and ``out`` (a C-contiguous NumPy
+        array of the fan's shape and float dtype) when given, in the same kernel."""
         if self.echo_model != "primary":
             raise ValueError("the fused forward path implements the 'primary' echo model only")
         p, s = self.probe, self.settings
@@ -423,11 +423,20 @@ class Simulator:
                             self.iq_i, self.iq_q, self.env,   # env: scratch (gain x strength, 'mean')
                             backend.ray_loop_pad(self.iq_i.shape[0]))
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
-        fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
-                                   mode == "mean", self.env, self._speckle_c, s.gain_db, tgc,
-                                   s.dynamic_range_db, self.bmode, backend.lateral_loop_pad(
-                                       self.bmode.shape[1] * self.batch))
-        scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
+        if out is None:
+            out = self.__dict__.get("_no_out")
+            if out is None:                      # a placeholder: not written (with_out False)
+                out = self._no_out = ti.ndarray(self.real, shape=(1,) * len(self.fan.shape))
+            with_out = False
+        elif out.shape != tuple(self.fan.shape) or out.dtype != self._np_real:
+            raise ValueError(f"out must be {tuple(self.fan.shape)} {np.dtype(self._np_real)}, "
+                             f"got {out.shape} {out.dtype}")
+        else:
+            with_out = True
+        fused.bmode_fan(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines, mode == "mean",
+                        self.env, self._speckle_c, s.gain_db, tgc, s.dynamic_range_db,
+                        self.bmode, backend.lateral_loop_pad(self.bmode.shape[1] * self.batch),
+                        self.sc_base, self.sc_frac, self.fan, out, with_out)
 
     def forward_staged(self, make_rays: bool = True):
         """Every stage in its own field (Tape-compatible; :meth:`stages` reads them).
@@ -552,6 +561,15 @@ class Simulator:
         """Fan image (H, W) float32 in [0, 1] (row 0 = shallowest) for ``pose`` (default: the
         volume's default pose)."""
         self.set_pose(pose)
+        return self._forward_numpy()
+
+    def _forward_numpy(self) -> np.ndarray:
+        """:meth:`forward`, and the fan as a new NumPy array: written by the fused kernel itself
+        outside a Tape (no copy kernel to prepare at start-up), else ``fan.to_numpy()``."""
+        if self.echo_model == "primary" and ti.lang.impl.get_runtime().target_tape is None:
+            out = np.empty(tuple(self.fan.shape), dtype=self._np_real)
+            self.forward_fused(out=out)
+            return out
         self.forward()
         return self.fan.to_numpy()
 
@@ -560,8 +578,7 @@ class Simulator:
         list of Pose or array (B, 6) [mm, rad]), rendered in one launch per stage; ``seeds``
         (B,) optional scatterer realisation per frame."""
         self.set_poses(poses, seeds)
-        self.forward()
-        fan = self.fan.to_numpy()
+        fan = self._forward_numpy()
         return fan[None] if self.batch == 1 else fan
 
     def pose_jacobian(self, pose: Pose | None = None, step_mm: float = 0.05,

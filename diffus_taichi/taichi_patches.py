@@ -4,7 +4,7 @@ imported; results, messages, debug info and offline-cache keys are unchanged).
 Taichi turns every kernel's Python AST into its IR on the first call in each process, even when
 the offline cache then supplies the compiled code, and it inlines every ``ti.func`` by reading
 and parsing its source again at each call site. With a warm cache this front end was about half
-of the time to the first frame. Three patches, each only on taichi 1.7.4 (pinned in
+of the time to the first frame. Four patches, each only on taichi 1.7.4 (pinned in
 pyproject.toml) and only when the patched names have the expected layout (``PATCHES`` records
 what happened to each; ``DIFFUS_NO_TAICHI_PATCH=1`` disables all):
 
@@ -15,22 +15,38 @@ what happened to each; ``DIFFUS_NO_TAICHI_PATCH=1`` disables all):
 - ``pos_info_memo``: ``get_pos_info`` memoised on everything its message depends on (file, line
   offset, function name, indent, the node's type and position, the first body line of compound
   statements, and the source lines it quotes): an inlined ``ti.func`` repeats the same nodes
-  at every call site and static unrolling.
+  at every call site and static unrolling. A node on one source line of at most 80 plain
+  characters (most of them) is formatted directly (:func:`_single_line_pos_info`, the same
+  string) instead of by the original, whose per-call set-up dominated the first visit.
 - ``source_memo``: ``getsourcefile`` / ``getsourcelines`` of ``taichi.lang.kernel_impl``
   memoised per function object (weakly referenced), so a ``ti.func`` inlined at N call sites
   is read from its file once instead of N times (tokenising the whole enclosing block each time).
+
+- ``inside_class_frozen``: every ``ti.func`` / ``ti.kernel`` decoration asks
+  ``kernel_impl._inside_class`` whether it sits in a class body by reading the source line of
+  an outer frame with ``inspect.getframeinfo``. For a decoration at module level that frame is
+  the import machinery's (``<frozen importlib._bootstrap>``), which has no source, so the answer
+  is always False, but ``inspect`` first scans every loaded module for it (~0.6 ms per
+  decoration; ~93 in ``import taichi``, ~100 more in this package and Taichi's lazily imported
+  ``matrix_ops``). The patch answers False at once for a ``<...>`` file name that
+  ``linecache`` does not hold (exactly when the original reads no line) and asks the original
+  otherwise. It is installed by :func:`install_import_hook` (run first thing by the package's
+  ``__init__``) as soon as ``taichi.lang.kernel_impl`` has been executed, so Taichi's own
+  decorations during ``import taichi`` profit too; if Taichi was imported earlier it applies
+  from then on.
 
 tests/test_startup_memory.py compares each patched function with the original.
 """
 from __future__ import annotations
 
+import importlib.abc
+import linecache
 import logging
 import os
 import re
+import sys
 import textwrap
 import weakref
-
-import taichi as ti
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +95,37 @@ def _pos_info_key(ctx, node):
             tuple(ctx.src[lo - 1:max(hi, lo)]))
 
 
+def _simple_line(text: str) -> bool:
+    """True when ``TextWrapper(width=80).wrap(text)`` is ``[text.rstrip(" ")]`` (or ``[]``):
+    the :class:`_FastTextWrapper` fast path."""
+    return len(text) <= 80 and text.isascii() and not _SPECIAL_WS.search(text)
+
+
+def _single_line_pos_info(ctx, node):
+    """``get_pos_info``'s message for a node on one source line of at most 80 plain characters
+    (taichi 1.7.4's f-string and ``gen_line`` with the wrapping of :class:`_FastTextWrapper`
+    written out); None for anything else."""
+    lo = node.lineno
+    if lo != node.end_lineno:
+        return None
+    code = ctx.src[lo - 1]
+    if not _simple_line(code):
+        return None
+    col = ctx.indent + node.col_offset
+    hint = " " * col + "^" * (ctx.indent + node.end_col_offset - col)
+    hint += " " * (len(code) - len(hint))
+    if not _simple_line(hint):
+        return None
+    msg = f'File "{ctx.file}", line {lo + ctx.lineno_offset}, in {ctx.func.func.__name__}:\n'
+    c, h = code.rstrip(" "), hint.rstrip(" ")
+    if not c:
+        return msg + "\n\n"
+    return msg + (c + "\n" + h + "\n" if h else "")
+
+
 def memoised_pos_info(original):
-    """``get_pos_info`` with a memo keyed by :func:`_pos_info_key`."""
+    """``get_pos_info`` with a memo keyed by :func:`_pos_info_key`; a node on one plain line
+    is formatted by :func:`_single_line_pos_info` instead of the original."""
     memo: dict = {}
 
     def get_pos_info(self, node):
@@ -92,7 +137,13 @@ def memoised_pos_info(original):
         if got is None:
             if len(memo) > _MEMO_MAX:
                 memo.clear()
-            got = memo[key] = original(self, node)
+            try:
+                got = _single_line_pos_info(self, node)
+            except Exception:  # noqa: BLE001 - the original decides
+                got = None
+            if got is None:
+                got = original(self, node)
+            memo[key] = got
         return got
 
     get_pos_info.__wrapped__ = original
@@ -125,7 +176,8 @@ def memoised_per_function(original):
 
 
 def apply_startup_patches() -> dict:
-    """Apply the three patches (see the module docstring); returns ``PATCHES``. Never raises."""
+    """Apply the first three patches (see the module docstring; the fourth is
+    :func:`install_import_hook`'s); returns ``PATCHES``. Never raises."""
     names = ("pos_info_textwrap", "pos_info_memo", "source_memo")
     if os.environ.get("DIFFUS_NO_TAICHI_PATCH", "") not in ("", "0"):
         for n in names:
@@ -137,6 +189,8 @@ def apply_startup_patches() -> dict:
 
         ctx_cls = getattr(atu, "ASTTransformerContext", None)
         pos = getattr(ctx_cls, "get_pos_info", None)
+        import taichi as ti
+
         if tuple(ti.__version__) != _PATCH_TAICHI_VERSION:
             for n in names:
                 PATCHES[n] = f"taichi {ti.__version__} is not {_PATCH_TAICHI_VERSION}"
@@ -171,3 +225,93 @@ def apply_startup_patches() -> dict:
             PATCHES.setdefault(n, f"not applied ({type(e).__name__}: {e})")
     log.debug("taichi start-up patches: %s", PATCHES)
     return PATCHES
+
+
+# --- inside_class_frozen: installed before Taichi is imported ---------------------------------
+_NO_PATCH_ENV = "DIFFUS_NO_TAICHI_PATCH"
+_KERNEL_IMPL = "taichi.lang.kernel_impl"
+
+
+def fast_inside_class(original):
+    """``kernel_impl._inside_class`` that returns False at once when the frame it would read is
+    in a ``<...>`` pseudo-file absent from ``linecache`` (the original's ``getframeinfo`` finds
+    no source line there and returns False after scanning ``sys.modules``); else the original."""
+
+    def _inside_class(level_of_class_stackframe):
+        try:
+            fn = sys._getframe(level_of_class_stackframe).f_code.co_filename
+        except (ValueError, TypeError):        # no such frame: the original decides
+            fn = ""
+        if fn[:1] == "<" and fn[-1:] == ">" and fn not in linecache.cache:
+            return False
+        return original(level_of_class_stackframe + 1)   # one frame deeper than its caller's
+
+    _inside_class.__wrapped__ = original
+    _inside_class._diffus_patch = True
+    return _inside_class
+
+
+def _patch_inside_class(ki) -> str:
+    """Apply ``inside_class_frozen`` to the executed module ``ki`` (taichi.lang.kernel_impl)."""
+    try:
+        core = getattr(ki, "_ti_core", None)
+        version = (core.get_version_major(), core.get_version_minor(), core.get_version_patch())
+        if tuple(version) != _PATCH_TAICHI_VERSION:
+            return f"taichi {version} is not {_PATCH_TAICHI_VERSION}"
+        orig = getattr(ki, "_inside_class", None)
+        if getattr(orig, "_diffus_patch", False):
+            return "already applied"
+        if not callable(orig) or not hasattr(ki, "_KERNEL_CLASS_STACKFRAME_STMT_RES"):
+            return "taichi.lang.kernel_impl has an unexpected layout"
+        ki._inside_class = fast_inside_class(orig)
+        return "applied"
+    except Exception as e:  # noqa: BLE001 - a failed patch must never stop the import
+        return f"not applied ({type(e).__name__}: {e})"
+
+
+class _KernelImplHook(importlib.abc.MetaPathFinder):
+    """One-shot import hook: lets the other finders find ``taichi.lang.kernel_impl`` and patches
+    the module right after it has been executed (before the rest of ``import taichi``)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _KERNEL_IMPL:
+            return None
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+        try:
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                spec = find(name, path, target) if find is not None else None
+                if spec is not None:
+                    break
+            else:
+                return None
+            loader = spec.loader
+            exec_module = getattr(loader, "exec_module", None)
+            if exec_module is None:
+                return spec
+
+            def exec_and_patch(module):
+                exec_module(module)
+                PATCHES["inside_class_frozen"] = _patch_inside_class(module)
+
+            loader.exec_module = exec_and_patch
+            return spec
+        except Exception as e:  # noqa: BLE001 - fall back to the normal import
+            PATCHES["inside_class_frozen"] = f"not applied ({type(e).__name__}: {e})"
+            return None
+
+
+def install_import_hook() -> None:
+    """Install ``inside_class_frozen`` (see the module docstring): patch kernel_impl now if Taichi
+    is already imported, else when it is. Needs no Taichi import itself; never raises."""
+    if os.environ.get(_NO_PATCH_ENV, "") not in ("", "0"):
+        PATCHES["inside_class_frozen"] = f"disabled by {_NO_PATCH_ENV}"
+        return
+    ki = sys.modules.get(_KERNEL_IMPL)
+    if ki is not None:
+        PATCHES["inside_class_frozen"] = _patch_inside_class(ki)
+    elif not any(isinstance(f, _KernelImplHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _KernelImplHook())

@@ -217,7 +217,7 @@ def test_loss_batch_equals_loss(cpu32, loss):
 def test_padded_ray_loops_equal_plain_ones(cpu32):
     """The per-ray kernels iterate over n_rays x pad indices on CPU (backend.ray_loop_pad, so
     that Taichi spreads few rays over every thread); every pad must give the pad=1 result."""
-    from diffus_taichi import backend, echo, fused, march
+    from diffus_taichi import backend, echo, fused, march, scan
 
     sim = _shared_sim("cpu", "f32")
     nr = sim.iq_i.shape[0]
@@ -244,10 +244,14 @@ def test_padded_ray_loops_equal_plain_ones(cpu32):
     for mean in (False, True):
         lines = []
         for pad in (0, 1, 3):
-            fused.lateral_envelope_log(sim.iq_i, sim.iq_q, sim.lat_w, sim.M, p.n_lines, mean,
-                                       sim.env, sim._speckle_c, s.gain_db, tgc,
-                                       s.dynamic_range_db, sim.bmode, pad)
+            fan = np.full(tuple(sim.fan.shape), -1.0, sim._np_real)
+            fused.bmode_fan(sim.iq_i, sim.iq_q, sim.lat_w, sim.M, p.n_lines, mean, sim.env,
+                            sim._speckle_c, s.gain_db, tgc, s.dynamic_range_db, sim.bmode, pad,
+                            sim.sc_base, sim.sc_frac, sim.fan, fan, True)
             lines.append(sim.bmode.to_numpy())
+            assert np.array_equal(fan, sim.fan.to_numpy())    # the ndarray copy of the fan
+            scan.scan_convert(sim.bmode, sim.sc_base, sim.sc_frac, sim.fan)
+            assert np.array_equal(fan, sim.fan.to_numpy())    # = the scan_convert kernel
         assert 0.05 < lines[0].mean() < 0.95 and lines[0].std() > 0.02, (mean, lines[0].mean())
         for b in lines[1:]:
             np.testing.assert_allclose(b, lines[0], rtol=0, atol=2e-6)

@@ -634,6 +634,67 @@ def test_source_memo_equals_getsourcelines():
         assert ki.getsourcelines(fn)[0] == b[0] and len(b[0]) > 1
 
 
+def test_inside_class_patch_equals_original(tmp_path, monkeypatch):
+    """kernel_impl._inside_class patched by the package's import hook (inside_class_frozen):
+    the original's answer for a module-level decoration (import machinery frame, a <frozen>
+    pseudo-file), a class body (True), exec'd code (<string>) and a <...> pseudo-file that
+    linecache holds (answered by the original); and a fresh interpreter gets the patch during
+    ``import taichi`` itself (installed before the package imports Taichi)."""
+    import importlib
+    import linecache
+    import subprocess
+    import sys
+
+    from taichi.lang import kernel_impl as ki
+
+    from diffus_taichi import taichi_patches as tp
+
+    assert tp.PATCHES.get("inside_class_frozen") in ("applied", "already applied")
+    fast = ki._inside_class
+    assert getattr(fast, "_diffus_patch", False)
+    orig = fast.__wrapped__
+    seen = []
+
+    def probe(level):      # both called from this frame: the same frames above them
+        seen.append((fast(level), orig(level), sys._getframe(level - 1).f_code.co_filename))
+        return seen[-1][0]
+
+    monkeypatch.setitem(sys.modules, "_diffus_probe", type(sys)("_diffus_probe"))
+    sys.modules["_diffus_probe"].probe = probe
+    (tmp_path / "_diffus_ic_mod.py").write_text(      # levels as in Taichi: 0 = _inside_class
+        "from _diffus_probe import probe\n"
+        "AT_IMPORT = probe(3), probe(2)\n"            # the importer's frame; the module's own
+        "class Box:\n"
+        "    IN_CLASS = probe(3)\n"                   # the frame running 'class Box:'
+        "def nested():\n"
+        "    return probe(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("_diffus_ic_mod")
+    mod.nested()
+    exec(compile("r = probe(2)", "<string>", "exec"), {"probe": probe})
+    src = "class Boxed:\n    r = probe(3)\n"
+    linecache.cache["<diffus-cached>"] = (len(src), None, src.splitlines(True), "<diffus-cached>")
+    try:
+        exec(compile(src, "<diffus-cached>", "exec"), {"probe": probe})
+    finally:
+        linecache.cache.pop("<diffus-cached>", None)
+    assert [f for f, _, _ in seen] == [False, False, True, False, False, True], seen
+    assert all(f == o for f, o, _ in seen), seen
+    files = [fn for _, _, fn in seen]
+    assert files[0].startswith("<frozen") and files[1].endswith("_diffus_ic_mod.py"), files
+    assert files[4] == "<string>" and files[5] == "<diffus-cached>", files
+    code = ("import diffus_taichi, taichi, sys\n"
+            "from diffus_taichi import taichi_patches as tp\n"
+            "from taichi.lang import kernel_impl as ki\n"
+            "print(tp.PATCHES.get('inside_class_frozen'), getattr(ki._inside_class, '_diffus_patch', False))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["applied", "True"], out.stdout + out.stderr
+    env = dict(os.environ, DIFFUS_NO_TAICHI_PATCH="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert "disabled" in out.stdout and out.stdout.split()[-1] == "False", out.stdout + out.stderr
+
+
 def test_peak_memory_256_cube_within_budget():
     """Issue #7: peak memory for a 256^3 float32 NIfTI (head phantom), Simulator + one render
     on cpu, <= 2 x volume + 64 MiB over the baseline (fresh process, bench.measure_memory)."""
