@@ -23,8 +23,8 @@ import numpy as np
 
 from .acoustics import ASSETS
 from .pose import Pose
-from .volume import (CHUNK_VOXELS, INTENSITY, Volume, _check_affine, register_builtin,
-                     voxel_to_world)
+from .volume import (CHUNK_VOXELS, INTENSITY, U8Channels, Volume, _check_affine,
+                     register_builtin, voxel_to_world)
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +248,8 @@ def brain() -> Volume:
         if key is not None:
             _brain_to_cache(d, key, *got)
     u8, affine, names, pose = got
-    data = np.empty(u8.shape, dtype=np.float32)
-    data[...] = u8
-    data /= np.float32(255.0)                 # == u8.astype(np.float32) / 255.0, bit for bit
-    del u8, got
-    return Volume(data, affine, (INTENSITY, *names), name="brain", default_pose=pose,
+    # float32 channels u8 / 255, made only when read (the property kernels read the uint8)
+    return Volume(U8Channels(u8), affine, (INTENSITY, *names), name="brain", default_pose=pose,
                   meta={"source": "MNI ICBM152 2009a symmetric (see assets/LICENSE_MNI152.txt)"})
 
 

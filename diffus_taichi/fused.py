@@ -44,8 +44,8 @@ def shift_in(buf, v, K: ti.template()):
 @ti.func
 def tap_registers(taps_i: ti.template(), taps_q: ti.template(), K: ti.template()):
     """The 2K+1 axial taps as registers (loaded once per ray)."""
-    tpi = ti.Vector.zero(float, 2 * K + 1)
-    tpq = ti.Vector.zero(float, 2 * K + 1)
+    tpi = ti.Vector([0.0] * (2 * K + 1))
+    tpq = ti.Vector([0.0] * (2 * K + 1))
     for k in ti.static(range(2 * K + 1)):
         tpi[k] = taps_i[k]
         tpq[k] = taps_q[k]
@@ -106,12 +106,12 @@ def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.templat
         P = cell_phasors(d, k2h)
         seed = seeds[b]
         ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
-        zero = ti.Vector.zero(float, 3)
+        zero = ti.Vector([0.0, 0.0, 0.0])
         z_p, a_p, cos_p, si_p, sq_p, st_p = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0   # previous sample
         g = 1.0                                      # two-way transmission down to it
         tpi, tpq = tap_registers(taps_i, taps_q, K)
-        bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
-        bq = ti.Vector.zero(float, 2 * K + 1)
+        bi = ti.Vector([0.0] * (2 * K + 1))        # RF shift register (I, Q)
+        bq = ti.Vector([0.0] * (2 * K + 1))
         for s in range(S + 1 + K):
             if s <= S:
                 rf, rfq = 0.0, 0.0
@@ -208,8 +208,8 @@ def lateral_envelope_log(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.tem
             NS = bmode.shape[1]
             base, s = ii // pad // NS * n_lines, ii // pad % NS
             w = ti.Vector([lat_w[s, m] for m in ti.static(range(2 * M + 1))])
-            bi = ti.Vector.zero(float, 2 * M + 1)      # I/Q of lines l - M .. l + M
-            bq = ti.Vector.zero(float, 2 * M + 1)
+            bi = ti.Vector([0.0] * (2 * M + 1))      # I/Q of lines l - M .. l + M
+            bq = ti.Vector([0.0] * (2 * M + 1))
             for k in ti.static(range(M)):               # lines 0 .. M - 1
                 if k < n_lines:
                     bi = shift_in(bi, iq_i[base + k, s], M)

@@ -26,7 +26,7 @@ weights ``elev_w[s, e]``) add the slice thickness.
 import taichi as ti
 
 from .echo import Z_REF
-from .rays import mat3_vec, voxel_affine
+from .rays import dot3, mat3_vec, voxel_affine
 
 
 @ti.func
@@ -52,7 +52,7 @@ def corners(vol: ti.template(), i, j, k, outside):
 @ti.func
 def no_cached_corners():
     """An empty voxel-corner cache for :func:`cached_corners`: (voxel index, 8 corners)."""
-    z = ti.Vector.zero(float, 3)
+    z = ti.Vector([0.0, 0.0, 0.0])
     return ti.Vector([-(1 << 30), 0, 0]), z, z, z, z, z, z, z, z
 
 
@@ -196,7 +196,7 @@ def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
     (a, b zero-mean, independent, E|A|^2 = 1; its phase places the scatterer at a random
     sub-wavelength depth along the beam). k2h = 2k * cell_mm (rad); P = cell_phasors(d, k2h)."""
     f, hx0, hy0, hz0, hs = _lattice_cell(x, inv_cell_mm, seed)
-    bc, bs = fast_cos_sin(k2h * f.dot(d))
+    bc, bs = fast_cos_sin(k2h * dot3(f, d))
     # lattice hash (HASH_MUL) of the 8 cells, the per-axis products formed once (wrap-around
     # arithmetic: (i + 1) A = i A + A); a = bytes 0-1, b = bytes 2-3 of the one hash per cell
     hx = (hx0, hx0 + ti.u32(HASH_MUL[0]))
@@ -228,8 +228,9 @@ def scatterer_sum(P, x, d, inv_cell_mm, k2h, seed):
 def elevation_axis(d, t):
     """Unit elevation axis (world) of the ray of unit direction d, t a lateral vector in its
     image plane (from the neighbour rays): the normal of that plane."""
-    e = d.cross(t)
-    return e / ti.sqrt(e.dot(e) + 1e-30)
+    e = ti.Vector([d[1] * t[2] - d[2] * t[1], d[2] * t[0] - d[0] * t[2],
+                   d[0] * t[1] - d[1] * t[0]])         # d x t (as Taichi's cross)
+    return e / ti.sqrt(dot3(e, e) + 1e-30)
 
 
 @ti.kernel
@@ -252,7 +253,7 @@ def channels_to_props(ch, n_ch: ti.template(), table: ti.template(), chan_tissue
                       tf: ti.template(), tf_chan: ti.template()):
     """One voxel's channels ch (n_ch,) -> [Z - Z_REF (MRayl), alpha dB/cm/MHz, scattering] (3,)
     (see :func:`acoustic_volume`)."""
-    prop = ti.Vector.zero(float, 3)
+    prop = ti.Vector([0.0, 0.0, 0.0])
     ref = ti.Vector([Z_REF, 0.0, 0.0])
     if ti.static(tf_chan >= 0):
         K = tf.shape[0]
@@ -582,7 +583,7 @@ def _march_grad(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cel
 @ti.func
 def incidence_cos(g, d):
     """|cos| of the angle between direction d and the gradient g (world mm)."""
-    return ti.abs(g.dot(d)) / ti.sqrt(g.dot(g) + 1e-12)
+    return ti.abs(dot3(g, d)) / ti.sqrt(dot3(g, g) + 1e-12)
 
 
 @ti.func

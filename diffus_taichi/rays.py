@@ -21,14 +21,22 @@ def mat3_vec(M, v):
 
 
 @ti.func
+def dot3(a, b):
+    """a . b of two 3-vectors written out (the sum order of Taichi's ``dot``, whose nested
+    generic functions cost ~3 ms of kernel preparation per use)."""
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+@ti.func
 def rodrigues(w):
     """Rotation vector (radians) -> 3x3 rotation matrix; smooth at w = 0."""
-    th = ti.sqrt(w.dot(w) + 1e-20)
+    th = ti.sqrt(dot3(w, w) + 1e-20)
     k = w / th
     K = ti.Matrix([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
     KK = ti.Matrix([[K[i, 0] * K[0, j] + K[i, 1] * K[1, j] + K[i, 2] * K[2, j]
                      for j in ti.static(range(3))] for i in ti.static(range(3))])   # K @ K
-    return ti.Matrix.identity(float, 3) + ti.sin(th) * K + (1.0 - ti.cos(th)) * KK
+    I3 = ti.Matrix([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return I3 + ti.sin(th) * K + (1.0 - ti.cos(th)) * KK
 
 
 @ti.func

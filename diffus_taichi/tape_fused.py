@@ -39,8 +39,8 @@ def _echo_iq_fwd(z: ti.template(), alpha: ti.template(), scat: ti.template(),
         S = z.shape[1]
         cum = 0.0                                    # exclusive sum of the log transmission
         tpi, tpq = tap_registers(taps_i, taps_q, K)
-        bi = ti.Vector.zero(float, 2 * K + 1)        # RF shift register (I, Q)
-        bq = ti.Vector.zero(float, 2 * K + 1)
+        bi = ti.Vector([0.0] * (2 * K + 1))        # RF shift register (I, Q)
+        bq = ti.Vector([0.0] * (2 * K + 1))
         for s in range(S + K):
             rf, rfq = 0.0, 0.0
             if s < S:

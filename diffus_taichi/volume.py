@@ -24,9 +24,29 @@ MAX_VOXELS = 1 << 30          # 1 G voxels: beyond this a single channel exceeds
 MIN_DIM = 2
 
 
+class U8Channels:
+    """uint8 channels (X, Y, Z, C) standing for the float32 channels u8 / 255 (bit for bit
+    ``u8.astype(np.float32) / np.float32(255)``). ``Volume(U8Channels(u8), ...)`` defers that
+    float32 array (4x the memory; ~0.1 s to build for the built-in brain) until
+    ``volume.channels`` is first read; the acoustic-property kernels read the uint8 array
+    directly (:attr:`Volume.uint8_channels`), so a render never builds it."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+
+def u8_lut(dtype=np.float32) -> np.ndarray:
+    """(256,) the float32 value of each uint8 level as :class:`U8Channels` defines it (v / 255
+    in float32), as ``dtype``."""
+    return (np.arange(256, dtype=np.float32) / np.float32(255.0)).astype(dtype)
+
+
 @dataclass
 class Volume:
-    """C-channel voxel volume. channels: (X, Y, Z, C) float32; affine: (4, 4) voxel -> world mm."""
+    """C-channel voxel volume. channels: (X, Y, Z, C) float32; affine: (4, 4) voxel -> world mm.
+
+    ``channels`` may be given as :class:`U8Channels` (uint8 levels of v / 255): the float32
+    array is then made on first access (:attr:`uint8_channels` holds the levels until then)."""
 
     channels: np.ndarray
     affine: np.ndarray
@@ -38,6 +58,9 @@ class Volume:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.channels, U8Channels):
+            self._init_u8(self.channels.array)
+            return
         ch = np.asarray(self.channels)
         if ch.ndim == 3:
             ch = ch[..., None]
@@ -55,14 +78,51 @@ class Volume:
         if self.default_pose is None:
             self.default_pose = default_pose_for(self)
 
+    def _init_u8(self, u8) -> None:
+        u8 = np.asarray(u8)
+        if u8.dtype != np.uint8 or u8.ndim != 4:
+            raise ValueError(f"volume {self.name!r}: U8Channels needs a uint8 (X, Y, Z, C) array, "
+                             f"got {u8.dtype} shape {u8.shape}")
+        _check_shape(u8.shape[:3], self.name)
+        self.channel_names = tuple(self.channel_names)
+        if len(self.channel_names) != u8.shape[3]:
+            raise ValueError(f"volume {self.name!r}: {u8.shape[3]} channels but "
+                             f"{len(self.channel_names)} channel names")
+        del self.__dict__["channels"]                 # made by __getattr__ on first access
+        self.__dict__["_u8"] = np.ascontiguousarray(u8)
+        self.affine = _check_affine(self.affine, self.name)
+        if self.default_pose is None:
+            self.default_pose = default_pose_for(self)
+
+    def __getattr__(self, name):
+        d = self.__dict__
+        if name == "channels" and d.get("_u8") is not None:
+            u8 = d["_u8"]
+            ch = np.empty(u8.shape, dtype=np.float32)
+            ch[...] = u8
+            ch /= np.float32(255.0)                      # == u8_lut()[u8], bit for bit
+            d["channels"], d["_u8"] = ch, None           # from now on the float32 array rules
+            log.debug("volume %r: float32 channels made from uint8 (%.0f MB)", self.name,
+                      ch.nbytes / 2 ** 20)
+            return ch
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def uint8_channels(self) -> np.ndarray | None:
+        """The uint8 levels (X, Y, Z, C) of a :class:`U8Channels` volume whose float32
+        ``channels`` have not been made yet (float value = :func:`u8_lut` [level]); else None."""
+        return self.__dict__.get("_u8") if "channels" not in self.__dict__ else None
+
     # --- geometry -----------------------------------------------------------------------------
     @property
     def shape(self) -> tuple:
-        return self.channels.shape[:3]
+        u8 = self.uint8_channels
+        return (u8 if u8 is not None else self.channels).shape[:3]
 
     @property
     def n_channels(self) -> int:
-        return self.channels.shape[3]
+        u8 = self.uint8_channels
+        return (u8 if u8 is not None else self.channels).shape[3]
 
     @property
     def world_to_voxel(self) -> np.ndarray:

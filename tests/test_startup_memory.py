@@ -491,6 +491,55 @@ def test_lean_and_compact_storage_render_like_full(arch, mapping):
         assert np.abs(out["full"] - fans["full"]).max() > 10 * COMPACT_ATOL   # it did change
 
 
+@pytest.mark.parametrize("mapping", ["transfer", "tissue"])
+def test_u8_channels_lazy_and_identical(arch, mapping):
+    """volume.U8Channels: the float32 channels are made only when read, equal u8 / 255 bit for
+    bit; the property kernels read the levels and give the same props (lean: bit for bit;
+    compact: the same content box) and fans as the float32 volume; a render leaves them lazy."""
+    from diffus_taichi.simulator import Simulator
+
+    rng = np.random.default_rng(3)
+    names = ("intensity", "grey_matter", "white_matter")
+    u8 = np.zeros((24, 22, 20, 3), np.uint8)
+    u8[3:20, 4:18, 2:17] = rng.integers(0, 256, (17, 14, 15, 3), dtype=np.uint8)
+    A = np.diag([1.5, 1.5, 1.5, 1.0])
+    A[:3, 3] = -15.0
+    ref = V.Volume(u8.astype(np.float32) / np.float32(255), A, names, name="f32")
+    probe = get_probe("craniotomy", n_lines=32, n_samples=128, image_px=(64, 64))
+    for st in ("lean", "compact"):
+        lazy = V.Volume(V.U8Channels(u8), A, names, name="u8", default_pose=ref.default_pose)
+        assert lazy.uint8_channels is not None and "channels" not in lazy.__dict__
+        assert lazy.shape == ref.shape and lazy.n_channels == 3
+        a = Simulator(lazy, probe=probe, mapping=mapping, storage=st)
+        b = Simulator(ref, probe=probe, mapping=mapping, storage=st)
+        assert a.props_origin == b.props_origin and a.props.shape == b.props.shape
+        np.testing.assert_array_equal(a.props.to_numpy(), b.props.to_numpy())
+        fa, fb = a.render(), b.render()
+        np.testing.assert_array_equal(fa, fb)
+        assert fa.std() > 0.01
+        assert lazy.uint8_channels is not None                  # never made by a render
+    ch = lazy.channels
+    assert ch.dtype == np.float32 and lazy.uint8_channels is None
+    assert np.array_equal(ch, ref.channels) and np.array_equal(ch, V.u8_lut()[u8])
+    assert lazy.channels is ch                                  # made once
+    with pytest.raises(ValueError, match="uint8"):
+        V.Volume(V.U8Channels(u8.astype(np.int16)), A, names)
+    with pytest.raises(ValueError, match="channel names"):
+        V.Volume(V.U8Channels(u8), A, names[:2])
+    with pytest.raises(ValueError, match="empty"):
+        V.Volume(V.U8Channels(np.zeros((0, 4, 4, 1), np.uint8)), A, names[:1])
+
+
+def test_builtin_brain_channels_stay_uint8_through_a_render(cpu32):
+    from diffus_taichi.simulator import Simulator
+
+    vol = V.load_volume("brain")
+    assert vol.uint8_channels is not None and vol.uint8_channels.dtype == np.uint8
+    Simulator(vol, probe=get_probe("craniotomy", n_lines=16, n_samples=64, image_px=(32, 32)),
+              storage="lean").render()
+    assert vol.uint8_channels is not None
+
+
 def ti_f16():
     import taichi as ti
 
