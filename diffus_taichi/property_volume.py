@@ -143,9 +143,11 @@ def fill_props(sim) -> None:
         rows = slab_rows(ch.shape[:3], ch.shape[3], ch.itemsize, sim.arch)
         (ox, oy, oz), (nx, _, _) = sim.props_origin, sim.props.shape
         for a in range(0, nx, rows):
-            props_from_channels(ch[ox + a:ox + min(nx, a + rows)], a, oy, oz, ch.shape[3],
-                                sim.table, sim.chan_tissue, sim.tf, sim.tf_chan, sim.props,
-                                lut, u8 is not None)
+            slab = ch[ox + a:ox + min(nx, a + rows)]
+            if sim.arch != "cpu" and not slab.flags.writeable:
+                slab = slab.copy()     # GPU launchers copy NumPy arguments back after a launch
+            props_from_channels(slab, a, oy, oz, ch.shape[3], sim.table, sim.chan_tissue,
+                                sim.tf, sim.tf_chan, sim.props, lut, u8 is not None)
         return
     ch = vol.channels
     if not ch.flags.c_contiguous:

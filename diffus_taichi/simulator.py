@@ -389,7 +389,7 @@ class Simulator:
         volume is computed by :meth:`update_acoustics`, outside the per-frame path).
 
         Outside a ``ti.ad.Tape`` the ``primary`` model runs the fused forward-only kernels
-        (:mod:`diffus_taichi.fused`: 5 launches, no intermediate fields), inside a Tape the
+        (:mod:`diffus_taichi.fused`: 2 launches, no intermediate fields), inside a Tape the
         fused differentiable ones (:meth:`forward_tape`); the other echo models (and
         ``tape_fused = False``) the staged differentiable kernels (:meth:`forward_staged`)."""
         if self.echo_model != "primary":
@@ -565,8 +565,10 @@ class Simulator:
 
     def _forward_numpy(self) -> np.ndarray:
         """:meth:`forward`, and the fan as a new NumPy array: written by the fused kernel itself
-        outside a Tape (no copy kernel to prepare at start-up), else ``fan.to_numpy()``."""
-        if self.echo_model == "primary" and ti.lang.impl.get_runtime().target_tape is None:
+        outside a Tape (no copy kernel to prepare at start-up), else (other echo models, inside
+        a Tape, or a subclass with its own ``forward``) ``forward()`` and ``fan.to_numpy()``."""
+        if (self.echo_model == "primary" and type(self).forward is Simulator.forward
+                and ti.lang.impl.get_runtime().target_tape is None):
             out = np.empty(tuple(self.fan.shape), dtype=self._np_real)
             self.forward_fused(out=out)
             return out

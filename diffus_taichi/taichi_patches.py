@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 PATCHES: dict = {}             # name -> "applied" | why it was not applied
 _PATCH_TAICHI_VERSION = (1, 7, 4)
-_SPECIAL_WS = re.compile(r"[\t\n\x0b\x0c\r]")
+_SPECIAL_WS = re.compile(r"[\t\n\x0b\x0c\r\x1c-\x1f]")   # str.strip() drops \x1c-\x1f too
 _WRAP_DEFAULTS = {"expand_tabs": True, "replace_whitespace": True, "drop_whitespace": True,
                   "initial_indent": "", "subsequent_indent": "", "max_lines": None,
                   "fix_sentence_endings": False}
@@ -230,19 +230,23 @@ def apply_startup_patches() -> dict:
 # --- inside_class_frozen: installed before Taichi is imported ---------------------------------
 _NO_PATCH_ENV = "DIFFUS_NO_TAICHI_PATCH"
 _KERNEL_IMPL = "taichi.lang.kernel_impl"
+_STOCK_GETLINES = linecache.getlines
 
 
 def fast_inside_class(original):
     """``kernel_impl._inside_class`` that returns False at once when the frame it would read is
     in a ``<...>`` pseudo-file absent from ``linecache`` (the original's ``getframeinfo`` finds
-    no source line there and returns False after scanning ``sys.modules``); else the original."""
+    no source line there and returns False after scanning ``sys.modules``); else, or while
+    someone has replaced ``linecache.getlines`` (doctest serves its examples that way), the
+    original."""
 
     def _inside_class(level_of_class_stackframe):
         try:
             fn = sys._getframe(level_of_class_stackframe).f_code.co_filename
         except (ValueError, TypeError):        # no such frame: the original decides
             fn = ""
-        if fn[:1] == "<" and fn[-1:] == ">" and fn not in linecache.cache:
+        if (fn[:1] == "<" and fn[-1:] == ">" and fn not in linecache.cache
+                and linecache.getlines is _STOCK_GETLINES):
             return False
         return original(level_of_class_stackframe + 1)   # one frame deeper than its caller's
 
@@ -270,48 +274,63 @@ def _patch_inside_class(ki) -> str:
 
 
 class _KernelImplHook(importlib.abc.MetaPathFinder):
-    """One-shot import hook: lets the other finders find ``taichi.lang.kernel_impl`` and patches
-    the module right after it has been executed (before the rest of ``import taichi``)."""
+    """Import hook for ``taichi.lang.kernel_impl`` only: asks the finders after it for the spec
+    and has its loader patch the module right after executing it (before the rest of
+    ``import taichi``). It stays installed, inert for every other name, so a reload of the
+    module is patched again; the loader override is removed after that module's execution."""
 
     def find_spec(self, name, path, target=None):
         if name != _KERNEL_IMPL:
             return None
         try:
-            sys.meta_path.remove(self)
+            finders = sys.meta_path[sys.meta_path.index(self) + 1:]
         except ValueError:
-            pass
+            return None
         try:
-            for finder in sys.meta_path:
+            for finder in finders:
                 find = getattr(finder, "find_spec", None)
                 spec = find(name, path, target) if find is not None else None
                 if spec is not None:
                     break
             else:
                 return None
-            loader = spec.loader
-            exec_module = getattr(loader, "exec_module", None)
-            if exec_module is None:
-                return spec
+        except Exception:  # noqa: BLE001 - let the import system ask the finders itself
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None or "exec_module" in getattr(loader, "__dict__", {}):
+            return spec                        # unexpected loader: the import as it would be
 
-            def exec_and_patch(module):
+        def exec_and_patch(module):
+            try:
                 exec_module(module)
+            finally:
+                try:
+                    del loader.exec_module     # only this module's execution is wrapped
+                except AttributeError:
+                    pass
+            if getattr(module, "__name__", None) == _KERNEL_IMPL:
                 PATCHES["inside_class_frozen"] = _patch_inside_class(module)
 
+        try:
             loader.exec_module = exec_and_patch
-            return spec
-        except Exception as e:  # noqa: BLE001 - fall back to the normal import
-            PATCHES["inside_class_frozen"] = f"not applied ({type(e).__name__}: {e})"
-            return None
+        except (AttributeError, TypeError):   # a loader without an instance dict
+            pass
+        return spec
 
 
 def install_import_hook() -> None:
     """Install ``inside_class_frozen`` (see the module docstring): patch kernel_impl now if Taichi
-    is already imported, else when it is. Needs no Taichi import itself; never raises."""
+    is already imported, and (again) whenever it is executed. Needs no Taichi import itself;
+    never raises."""
     if os.environ.get(_NO_PATCH_ENV, "") not in ("", "0"):
         PATCHES["inside_class_frozen"] = f"disabled by {_NO_PATCH_ENV}"
         return
-    ki = sys.modules.get(_KERNEL_IMPL)
-    if ki is not None:
-        PATCHES["inside_class_frozen"] = _patch_inside_class(ki)
-    elif not any(isinstance(f, _KernelImplHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _KernelImplHook())
+    try:
+        ki = sys.modules.get(_KERNEL_IMPL)
+        if ki is not None:
+            PATCHES["inside_class_frozen"] = _patch_inside_class(ki)
+        if not any(isinstance(f, _KernelImplHook) for f in sys.meta_path):
+            sys.meta_path.insert(0, _KernelImplHook())
+    except Exception as e:  # noqa: BLE001
+        PATCHES["inside_class_frozen"] = f"not applied ({type(e).__name__}: {e})"

@@ -46,7 +46,14 @@ class Volume:
     """C-channel voxel volume. channels: (X, Y, Z, C) float32; affine: (4, 4) voxel -> world mm.
 
     ``channels`` may be given as :class:`U8Channels` (uint8 levels of v / 255): the float32
-    array is then made on first access (:attr:`uint8_channels` holds the levels until then)."""
+    array is then made on first access (:attr:`uint8_channels` holds the levels until then;
+    ``repr``, ``==``, ``dataclasses.replace`` and, without a ``default_pose``,
+    :func:`default_pose_for` read it too). Assigning ``channels`` drops the levels."""
+
+    def __setattr__(self, name, value):
+        if name == "channels" and self.__dict__.get("_u8") is not None:
+            self.__dict__["_u8"] = None               # the assigned array rules from now on
+        object.__setattr__(self, name, value)
 
     channels: np.ndarray
     affine: np.ndarray

@@ -502,6 +502,7 @@ def test_u8_channels_lazy_and_identical(arch, mapping):
     names = ("intensity", "grey_matter", "white_matter")
     u8 = np.zeros((24, 22, 20, 3), np.uint8)
     u8[3:20, 4:18, 2:17] = rng.integers(0, 256, (17, 14, 15, 3), dtype=np.uint8)
+    u8.setflags(write=False)                   # as the brain's memory-mapped disk cache
     A = np.diag([1.5, 1.5, 1.5, 1.0])
     A[:3, 3] = -15.0
     ref = V.Volume(u8.astype(np.float32) / np.float32(255), A, names, name="f32")
@@ -522,6 +523,9 @@ def test_u8_channels_lazy_and_identical(arch, mapping):
     assert ch.dtype == np.float32 and lazy.uint8_channels is None
     assert np.array_equal(ch, ref.channels) and np.array_equal(ch, V.u8_lut()[u8])
     assert lazy.channels is ch                                  # made once
+    lazy2 = V.Volume(V.U8Channels(u8), A, names, default_pose=ref.default_pose)
+    lazy2.channels = ref.channels.copy()                        # assigned: the levels go
+    assert lazy2.uint8_channels is None and "_u8" in lazy2.__dict__
     with pytest.raises(ValueError, match="uint8"):
         V.Volume(V.U8Channels(u8.astype(np.int16)), A, names)
     with pytest.raises(ValueError, match="channel names"):
@@ -606,7 +610,8 @@ def test_fast_textwrap_equals_textwrap():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     files = glob.glob(os.path.join(here, "diffus_taichi", "*.py")) + glob.glob(
         os.path.join(os.path.dirname(taichi.__file__), "lang", "**", "*.py"), recursive=True)
-    lines = ["", " ", "\t x", "a\tb", "x" * 80, "x" * 81, " " * 81, "é x", "a \xa0 ",
+    lines = ["", " ", "\t x", "a\tb", "x" * 80, "x" * 81, " " * 81, "é x", "a \xa0 ", "a\x1c",
+             "a \x1f b\x1d ",
              "a-b-c " * 20, "  foo  ", "\x0c"]
     for f in files:
         with open(f, encoding="utf-8") as fh:
@@ -727,11 +732,24 @@ def test_inside_class_patch_equals_original(tmp_path, monkeypatch):
         exec(compile(src, "<diffus-cached>", "exec"), {"probe": probe})
     finally:
         linecache.cache.pop("<diffus-cached>", None)
-    assert [f for f, _, _ in seen] == [False, False, True, False, False, True], seen
+    # doctest serves its examples through a replaced linecache.getlines, not linecache.cache
+    src2 = "class Boxed2:\n    r = probe(3)\n"
+    stock = linecache.getlines
+
+    def getlines(filename, module_globals=None):
+        return src2.splitlines(True) if filename == "<doctest-like>" else stock(filename,
+                                                                                module_globals)
+
+    monkeypatch.setattr(linecache, "getlines", getlines)
+    exec(compile(src2, "<doctest-like>", "exec"), {"probe": probe})
+    monkeypatch.setattr(linecache, "getlines", stock)
+    assert [f for f, _, _ in seen] == [False, False, True, False, False, True, True], seen
     assert all(f == o for f, o, _ in seen), seen
     files = [fn for _, _, fn in seen]
     assert files[0].startswith("<frozen") and files[1].endswith("_diffus_ic_mod.py"), files
     assert files[4] == "<string>" and files[5] == "<diffus-cached>", files
+    importlib.reload(ki)                       # a reload is patched again by the import hook
+    assert getattr(ki._inside_class, "_diffus_patch", False)
     code = ("import diffus_taichi, taichi, sys\n"
             "from diffus_taichi import taichi_patches as tp\n"
             "from taichi.lang import kernel_impl as ki\n"
