@@ -291,12 +291,18 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                seeds: ti.template(), elev_off: ti.template(), elev_w: ti.template(),
                n_elev: ti.template(), noise_on: ti.template(),
                z: ti.template(), alpha: ti.template(), scat: ti.template(), scat_q: ti.template(),
-               cosw: ti.template(), pad: ti.template()):
+               cosw: ti.template(), pad: ti.template(), jac: ti.template(), use_jac: ti.template()):
+    """use_jac (static, with noise_on): also store each sample's scatterer-sum Jacobian per
+    elevation plane in jac (rays, samples, n_elev) 14-vectors (:func:`_scatterer_sum_jac`), so
+    that :func:`_march_bwd` need not hash the lattice again."""
     for rr in range(z.shape[0] * pad):   # rays in parallel (backend.ray_loop_pad), samples serial
         if rr % pad != 0:
             continue
         r = rr // pad
         P = cell_phasors(rd[r], k2h)
+        R = ti.Matrix.zero(float, 3, 2)
+        if ti.static(use_jac):
+            R = phasor_log_derivs(rd[r], k2h)
         seed = seeds[r // (z.shape[0] // seeds.shape[0])]
         ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         for s in range(z.shape[1]):
@@ -309,7 +315,20 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
             cosw[r, s] = incidence_cos(mat3_vec(gradT[None], gidx), rd[r])
             z[r, s] = prop[0]
             alpha[r, s] = prop[1]
-            if ti.static(noise_on):
+            if ti.static(noise_on and use_jac):
+                x = ro[r] + d_mm * rd[r]
+                si, sq = 0.0, 0.0
+                for e in ti.static(range(n_elev)):        # as speckle_sample, keeping J
+                    st = prop[2]
+                    off = elev_off[s, e]
+                    if ti.static(n_elev > 1):
+                        st = trilinear_value(props, pv + off * eyv[r], outside[None])[2]
+                    J = _scatterer_sum_jac(P, R, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
+                    jac[r, s, e] = J
+                    si += elev_w[s, e] * st * J[0]
+                    sq += elev_w[s, e] * st * J[1]
+                scat[r, s], scat_q[r, s] = si, sq
+            elif ti.static(noise_on):
                 scat[r, s], scat_q[r, s] = speckle_sample(
                     props, outside, P, prop[2], pv, ro[r] + d_mm * rd[r], r, s, rd, ey, eyv,
                     inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev)
@@ -342,9 +361,42 @@ def _cmul(ar, ai, br, bi):
 
 
 @ti.func
+def phasor_log_derivs(d, k2h):
+    """(3, 2): (dQ_i/dd_i) / Q_i (complex) of the per-axis phasors Q_i = phase of -k2h d_i that
+    :func:`cell_phasors` composes."""
+    R = ti.Matrix.zero(float, 3, 2)
+    for ax in ti.static(range(3)):
+        c_, s_, dc, ds = _poly_cos_sin_grad(-k2h * d[ax])
+        m2 = c_ * c_ + s_ * s_
+        R[ax, 0], R[ax, 1] = _cmul(-k2h * dc, -k2h * ds, c_ / m2, -s_ / m2)
+    return R
+
+
+@ti.func
 def _scatterer_sum_grad(P, R, x, d, inv_cell_mm, k2h, seed, lr, li):
     """:func:`scatterer_sum` (a, b) at world x (mm) along d, and the adjoints dL/dx, dL/dd (3,)
-    for output adjoints (lr, li) = (dL/da, dL/db). P = cell_phasors(d, k2h); R (3, 2): the
+    for output adjoints (lr, li) = (dL/da, dL/db): :func:`_scatterer_sum_jac` and
+    :func:`_apply_jac`."""
+    J = _scatterer_sum_jac(P, R, x, d, inv_cell_mm, k2h, seed)
+    gx, gd = _apply_jac(J, lr, li, inv_cell_mm)
+    return J[0], J[1], gx, gd
+
+
+@ti.func
+def _apply_jac(J, lr, li, inv_cell_mm):
+    """Adjoints dL/dx, dL/dd (3,) of the scatterer sum for output adjoints (lr, li), from its
+    :func:`_scatterer_sum_jac` J."""
+    gx = ti.Vector([(lr * J[2 + ax] + li * J[5 + ax]) * inv_cell_mm for ax in ti.static(range(3))])
+    gd = ti.Vector([lr * J[8 + ax] + li * J[11 + ax] for ax in ti.static(range(3))])
+    return SCAT_AMP * gx, SCAT_AMP * gd
+
+
+@ti.func
+def _scatterer_sum_jac(P, R, x, d, inv_cell_mm, k2h, seed):
+    """(14,): [a, b] = :func:`scatterer_sum` at world x (mm) along d, then the per-axis partial
+    derivatives without SCAT_AMP, X_r, X_i (d(a, b)/df, f the fractional lattice position,
+    df/dx = inv_cell_mm) and D_r, D_i (d(a, b)/dd), 3 each: all the adjoint needs for any
+    output adjoints (:func:`_apply_jac`). P = cell_phasors(d, k2h); R (3, 2): the
     complex logarithmic derivatives (dQ_i/dd_i) / Q_i of the per-axis phasors Q_i that P is
     composed of (P_j = prod_i Q_i^{j_i}, so dP_j/dd_i = j_i R_i P_j).
 
@@ -386,15 +438,15 @@ def _scatterer_sum_grad(P, R, x, d, inv_cell_mm, k2h, seed, lr, li):
                 Ti[ax] += wi
     outr, outi = _cmul(Sr, Si, bc, bs)
     opr, opi = _cmul(Sr, Si, dbc, dbs)                 # d out/d theta (without AMP)
-    gx = ti.Vector.zero(float, 3)
-    gd = ti.Vector.zero(float, 3)
+    J = ti.Vector([0.0] * 14)
+    J[0], J[1] = SCAT_AMP * outr, SCAT_AMP * outi
     for ax in ti.static(range(3)):
         fr_, fi_ = _cmul(Fr[ax], Fi[ax], bc, bs)
         er, ei = _cmul(Tr[ax], Ti[ax], R[ax, 0], R[ax, 1])
         dr_, di_ = _cmul(er, ei, bc, bs)
-        gx[ax] = (lr * (fr_ + opr * k2h * d[ax]) + li * (fi_ + opi * k2h * d[ax])) * inv_cell_mm
-        gd[ax] = lr * (dr_ + opr * k2h * f[ax]) + li * (di_ + opi * k2h * f[ax])
-    return SCAT_AMP * outr, SCAT_AMP * outi, SCAT_AMP * gx, SCAT_AMP * gd
+        J[2 + ax], J[5 + ax] = fr_ + opr * k2h * d[ax], fi_ + opi * k2h * d[ax]
+        J[8 + ax], J[11 + ax] = dr_ + opr * k2h * f[ax], di_ + opi * k2h * f[ax]
+    return J
 
 
 @ti.func
@@ -436,11 +488,13 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                seeds: ti.template(), elev_off: ti.template(), elev_w: ti.template(),
                n_elev: ti.template(), noise_on: ti.template(),
                z: ti.template(), alpha: ti.template(), scat: ti.template(), scat_q: ti.template(),
-               cosw: ti.template(), pad: ti.template(), props_grad: ti.template()):
+               cosw: ti.template(), pad: ti.template(), jac: ti.template(), use_jac: ti.template(),
+               props_grad: ti.template()):
     """Hand-written adjoint of :func:`_march_fwd`: per ray, the adjoints of the rays (vo, vd,
     ro, rd, ey, eyv) are summed over the samples in registers and written once (the automatic
     one added into them atomically for every sample: ~3x the forward's cost); with
-    ``props_grad`` (static) also props.grad (atomically: rays share voxels)."""
+    ``props_grad`` (static) also props.grad (atomically: rays share voxels); use_jac (static):
+    the scatterer-sum Jacobians the forward stored in jac instead of recomputing them."""
     for rr in range(z.shape[0] * pad):
         if rr % pad != 0:
             continue
@@ -451,11 +505,7 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
         G = gradT[None]
         seed = seeds[r // (z.shape[0] // seeds.shape[0])]
         P = cell_phasors(d, k2h)
-        R = ti.Matrix.zero(float, 3, 2)       # (dQ_i/dd_i) / Q_i, Q_i = phasor of -k2h d_i
-        for ax in ti.static(range(3)):
-            c_, s_, dc, ds = _poly_cos_sin_grad(-k2h * d[ax])
-            m2 = c_ * c_ + s_ * s_
-            R[ax, 0], R[ax, 1] = _cmul(-k2h * dc, -k2h * ds, c_ / m2, -s_ / m2)
+        R = phasor_log_derivs(d, k2h)
         g_vo, g_vd, g_ro, g_rd = (ti.Vector.zero(float, 3), ti.Vector.zero(float, 3),
                                   ti.Vector.zero(float, 3), ti.Vector.zero(float, 3))
         g_ey, g_eyv = ti.Vector.zero(float, 3), ti.Vector.zero(float, 3)
@@ -506,8 +556,15 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                     if ti.static(n_elev > 1):
                         pe = pv + off * e_v
                         st = trilinear_value(props, pe, outside[None])[2]
-                    a, b, gx, gd = _scatterer_sum_grad(P, R, x + off * e_w, d, inv_cell_mm, k2h,
-                                                       seed, we * st * gs, we * st * gq)
+                    a, b = 0.0, 0.0
+                    gx, gd = ti.Vector([0.0, 0.0, 0.0]), ti.Vector([0.0, 0.0, 0.0])
+                    if ti.static(use_jac):
+                        J = jac[r, s, e]
+                        a, b = J[0], J[1]
+                        gx, gd = _apply_jac(J, we * st * gs, we * st * gq, inv_cell_mm)
+                    else:
+                        a, b, gx, gd = _scatterer_sum_grad(P, R, x + off * e_w, d, inv_cell_mm,
+                                                           k2h, seed, we * st * gs, we * st * gq)
                     g_ro += gx
                     g_rd += d_mm * gx + gd
                     g_ey += off * gx
@@ -558,7 +615,7 @@ def _has_grad(field) -> bool:
 
 @ti.ad.grad_replaced
 def march(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
-          elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1):
+          elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1, jac=None):
     """Sample the acoustic-property volume at every (ray, sample).
 
     props (X, Y, Z) vec3 [MRayl, dB/cm/MHz, scattering]; outside () vec3 the background
@@ -566,18 +623,24 @@ def march(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, 
     noise_on (static): (scat, scat_q) = sum over the n_elev elevation planes of elev_w x the
     plane's scattering strength x :func:`scatterer_sum`; else scat = the strength alone, scat_q 0.
     Rays in parallel, samples serial; pad: index stride of the ray loop
-    (:func:`backend.ray_loop_pad`). Backward: :func:`_march_bwd` (hand-written).
+    (:func:`backend.ray_loop_pad`). Backward: :func:`_march_bwd` (hand-written). jac: None, or
+    a (rays, samples, n_elev) 14-vector field where the forward keeps the scatterer-sum
+    Jacobians for the backward (with noise_on; under a Tape: the backward then hashes nothing).
     """
+    use = bool(noise_on) and jac is not None
     _march_fwd(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
-               elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad)
+               elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad,
+               jac if use else scat, use)
 
 
 @ti.ad.grad_for(march)
 def _march_grad(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
-                elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1):
+                elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1,
+                jac=None):
+    use = bool(noise_on) and jac is not None
     _march_bwd(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
                elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad,
-               _has_grad(props))
+               jac if use else scat, use, _has_grad(props))
 
 
 @ti.func

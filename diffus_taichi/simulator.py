@@ -240,6 +240,9 @@ class Simulator:
         self.env_mean = f2(gs)            # used by speckle='mean' only
         if fused and g:                   # adjoint scratch of tape_fused.lateral_envelope_log
             self._gli, self._glq = f2(False), f2(False)
+        # scatterer-sum Jacobians that the march's forward keeps for its backward under a Tape
+        # (14 values per sample and elevation plane; march.march's jac)
+        self._sjac = (ti.Vector.field(14, real, shape=(NR, NS, self._n_elev)) if g else None)
         self._tape_fused = fused
         if self.echo_model == "layered":
             self.cumatt, self.ret, self.tr2 = f2(), f2(), f2()
@@ -438,6 +441,12 @@ class Simulator:
                         self.bmode, backend.lateral_loop_pad(self.bmode.shape[1] * self.batch),
                         self.sc_base, self.sc_frac, self.fan, out, with_out)
 
+    def _march_jac(self):
+        """march.march's jac: the Jacobian field under a Tape (gradient Simulators), else None."""
+        if getattr(self, "_sjac", None) is None or ti.lang.impl.get_runtime().target_tape is None:
+            return None
+        return self._sjac
+
     def forward_staged(self, make_rays: bool = True):
         """Every stage in its own field (Tape-compatible; :meth:`stages` reads them).
         make_rays=False: march the rays already in ro/rd/vo/vd/ey/eyv (e.g. those the fused
@@ -452,7 +461,7 @@ class Simulator:
                     self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,
                     self.elev_off, self.elev_w, self._n_elev, coherent,
                     self.z, self.alpha, self.scat, self.scat_q, self.cosw,
-                    backend.ray_loop_pad(self.z.shape[0]))
+                    backend.ray_loop_pad(self.z.shape[0]), self._march_jac())
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         echo.step_terms(self.z, self.alpha, np_step, self.logt, self.att2)
         spec = self.echo
@@ -494,7 +503,7 @@ class Simulator:
         march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
                     self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,
                     self.elev_off, self.elev_w, self._n_elev, mode == "coherent",
-                    self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad)
+                    self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad, self._march_jac())
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         tape_fused.echo_iq(self.z, self.alpha, self.scat, self.scat_q, self.cosw, np_step,
                            self.taps_i, self.taps_q, self.K, fused.SPECKLE_MODES[mode], self.gain,
