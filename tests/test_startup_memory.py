@@ -572,6 +572,40 @@ def test_compact_pose_gradient_and_siblings(cpu32):
                                atol=0.05 * np.abs(grads["lean"]).max())
 
 
+def test_clear_all_gradients_clears_every_adjoint(cpu32):
+    """fieldio.clear_all_gradients: every adjoint place is zeroed (scalar, vector, matrix and
+    0-D fields of several shapes, one loop per shape), the primal values are untouched, and a
+    field allocated after a first call (a new SNode tree) is cleared too (the memo of the
+    groups is keyed on the trees)."""
+    import taichi as ti
+
+    from diffus_taichi import fieldio
+
+    fs = [ti.field(ti.f32, shape=(7, 5), needs_grad=True),
+          ti.Vector.field(3, ti.f32, shape=(7, 5), needs_grad=True),
+          ti.Matrix.field(2, 2, ti.f32, shape=11, needs_grad=True),
+          ti.field(ti.f32, shape=(), needs_grad=True)]
+    plain = ti.field(ti.f32, shape=4)
+
+    def fill():
+        for f in fs:
+            f.from_numpy(np.full(f.to_numpy().shape, 2.0, np.float32))
+            f.grad.from_numpy(np.full(f.grad.to_numpy().shape, 3.0, np.float32))
+        plain.from_numpy(np.full(4, 5.0, np.float32))
+
+    fill()
+    fieldio.clear_all_gradients()
+    for f in fs:
+        assert not f.grad.to_numpy().any() and (f.to_numpy() == 2.0).all()
+    assert (plain.to_numpy() == 5.0).all()
+    late = ti.field(ti.f32, shape=(13,), needs_grad=True)
+    fs.append(late)
+    fill()
+    fieldio.clear_all_gradients()
+    for f in fs:
+        assert not f.grad.to_numpy().any() and (f.to_numpy() == 2.0).all()
+
+
 def test_uploader_equals_from_numpy(arch):
     import taichi as ti
 
