@@ -431,9 +431,10 @@ class Simulator:
             if out is None:                      # a placeholder: not written (with_out False)
                 out = self._no_out = ti.ndarray(self.real, shape=(1,) * len(self.fan.shape))
             with_out = False
-        elif out.shape != tuple(self.fan.shape) or out.dtype != self._np_real:
-            raise ValueError(f"out must be {tuple(self.fan.shape)} {np.dtype(self._np_real)}, "
-                             f"got {out.shape} {out.dtype}")
+        elif (out.shape != tuple(self.fan.shape) or out.dtype != self._np_real
+              or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable C-contiguous {tuple(self.fan.shape)} "
+                             f"{np.dtype(self._np_real)} array, got {out.shape} {out.dtype}")
         else:
             with_out = True
         fused.bmode_fan(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines, mode == "mean",

@@ -176,6 +176,15 @@ def test_batch_errors(cpu32):
     layered = Simulator("brain", probe=_probe(), arch="cpu", echo_model="layered")
     with pytest.raises(ValueError, match="primary"):
         layered.forward_fused()
+    # forward_fused's NumPy output: the fan's shape and the Simulator's float dtype
+    fans = sim.render_batch([None, None])
+    for bad in (np.zeros((3, 3), np.float32), np.zeros(fans.shape, np.float64),
+                np.zeros(fans.shape[::-1], np.float32).T):
+        with pytest.raises(ValueError, match="out must be"):
+            sim.forward_fused(out=bad)
+    out = np.zeros(fans.shape, np.float32)
+    sim.forward_fused(out=out)
+    assert np.array_equal(out, fans) and np.array_equal(out, sim.fan.to_numpy())
     ti.sync()
 
 
