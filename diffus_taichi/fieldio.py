@@ -41,24 +41,27 @@ def _fill(dsts: ti.template(), meta: ti.template(), n_max: ti.template(),
             mat2 = ti.static(mat and m > 1)                           # else a vector field
             if i < size:
                 base = off + i * (n * m)
+                # vector / matrix components in a run-time loop: one copy of the code per
+                # field instead of one per component (the kernel's front end is Python work
+                # at every start-up, proportional to the code it builds)
                 if ti.static(len(strides) == 0):                     # 0-D field
                     if ti.static(mat):
-                        for a, b in ti.static(ti.ndrange(n, m)):
+                        for c in range(n * m):
                             if ti.static(mat2):
-                                f[None][a, b] = ti.cast(buf[base + a * m + b], f.dtype)
+                                f[None][c // m, c % m] = ti.cast(buf[base + c], f.dtype)
                             else:
-                                f[None][a] = ti.cast(buf[base + a], f.dtype)
+                                f[None][c] = ti.cast(buf[base + c], f.dtype)
                     else:
                         f[None] = ti.cast(buf[base], f.dtype)
                 else:
                     I = ti.Vector([(i // strides[k]) % f.shape[k]
                                    for k in ti.static(range(len(strides)))])
                     if ti.static(mat):
-                        for a, b in ti.static(ti.ndrange(n, m)):
+                        for c in range(n * m):
                             if ti.static(mat2):
-                                f[I][a, b] = ti.cast(buf[base + a * m + b], f.dtype)
+                                f[I][c // m, c % m] = ti.cast(buf[base + c], f.dtype)
                             else:
-                                f[I][a] = ti.cast(buf[base + a], f.dtype)
+                                f[I][c] = ti.cast(buf[base + c], f.dtype)
                     else:
                         f[I] = ti.cast(buf[base], f.dtype)
 

@@ -6,7 +6,8 @@ axial_iq -> lateral_sum -> envelope -> log_compress), as the Tape needs. Renderi
 gradient needs none of those intermediates, so here
 
 1. :func:`march_echo_iq` (rays in parallel, samples serial) makes each ray from the pose (as
-   rays.make_rays and march.elevation_axes, which are then not launched), samples the
+   rays.make_rays and march.elevation_axes, which are then not launched; the poses come as a
+   NumPy argument, so no upload kernel runs per frame either), samples the
    acoustic-property volume (the 8 voxel corners are fetched once per voxel the ray enters,
    not once per sample), runs the primary echo recursion (round-trip transmission carried in
    a register), forms the complex RF and applies the axial Gabor pulse with a (2K+1)-sample
@@ -68,19 +69,23 @@ def pulse(bi, bq, tpi, tpq, K: ti.template(), cplx: ti.template()):
 
 
 @ti.kernel
-def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.template(),
+def march_echo_iq(pose_src: ti.types.ndarray(ndim=2), seed_src: ti.types.ndarray(ndim=1),
+                  pose: ti.template(), seeds: ti.template(),
+                  line_o: ti.template(), line_d: ti.template(),
                   w2v: ti.template(), props: ti.template(), outside: ti.template(),
                   vo: ti.template(), vd: ti.template(), ro: ti.template(), rd: ti.template(),
                   ey: ti.template(), eyv: ti.template(), gradT: ti.template(), step_mm: float,
-                  inv_cell_mm: float, k2h: float, seeds: ti.template(), elev_off: ti.template(),
+                  inv_cell_mm: float, k2h: float, elev_off: ti.template(),
                   elev_w: ti.template(), n_elev: ti.template(), mode: ti.template(),
                   np_per_dbcm_step: float, taps_i: ti.template(), taps_q: ti.template(),
                   K: ti.template(), iq_i: ti.template(), iq_q: ti.template(),
                   incoh: ti.template(), pad: ti.template()):
-    """Axial I/Q (rays, samples) of the primary model for the pose(s) (B, 6): each ray is made
-    here as in rays.make_rays (line l of frame b = r // n_lines; also written to ro, rd, vo, vd
-    and, for coherent speckle, its elevation axis to ey, eyv as march.elevation_axes), then
-    marched as march.march. mode (static): 0 coherent scatterers, 1 'mean' (writes incoh =
+    """Axial I/Q (rays, samples) of the primary model for the pose(s) pose_src (B, 6) [t mm,
+    rotvec rad] and scatterer seeds seed_src (B,) i32: NumPy arguments, which this kernel also
+    copies into the fields pose and seeds (as rays.set_poses, which then need not run per
+    frame). Each ray is made here as in rays.make_rays (line l of frame b = r // n_lines; also
+    written to ro, rd, vo, vd and, for coherent speckle, its elevation axis to ey, eyv as
+    march.elevation_axes), then marched as march.march. mode (static): 0 coherent scatterers, 1 'mean' (writes incoh =
     two-way gain x scattering strength for the expected diffuse intensity), 2 'off'.
     np_per_dbcm_step: nepers per (dB/cm/MHz) over one sample step. pad (static): ray
     r = index // pad, only every pad-th index works (backend.ray_loop_pad: spreads few rays
@@ -91,7 +96,11 @@ def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.templat
         r = rr // pad
         L = line_o.shape[0]
         b, l = r // L, r % L
-        Rp, tp = pose_transform(pose, b)
+        Rp, tp = pose_transform(pose_src, b)
+        if l == 0:
+            for k in ti.static(range(6)):
+                pose[b, k] = pose_src[b, k]
+            seeds[b] = seed_src[b]
         M, c = voxel_affine(w2v[None])
         o = mat3_vec(Rp, line_o[l]) + tp             # as rays.make_rays (f32: to ~1 ulp, as
         d = mat3_vec(Rp, line_d[l])                  # LLVM may contract differently)
@@ -104,7 +113,7 @@ def march_echo_iq(pose: ti.template(), line_o: ti.template(), line_d: ti.templat
             ey[r], eyv[r] = ax, mat3_vec(M, ax)
         S = iq_i.shape[1]
         P = cell_phasors(d, k2h)
-        seed = seeds[b]
+        seed = seed_src[b]
         ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         zero = ti.Vector([0.0, 0.0, 0.0])
         z_p, a_p, cos_p, si_p, sq_p, st_p = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0   # previous sample

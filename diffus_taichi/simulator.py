@@ -170,8 +170,13 @@ class Simulator:
         v, p = self.volume, self.probe
         NR, NS = p.n_lines * self.batch, p.n_samples      # rays of all B frames, stacked
         H, W = p.image_px
-        self.pose = ti.field(real, shape=(self.batch, 6), needs_grad=g)
-        self.seeds = ti.field(ti.i32, shape=self.batch)      # scatterer realisation per frame
+        # pose (B, 6) [t mm, rotvec rad] and scatterer realisation (B,) per frame: fields behind
+        # the properties pose / seeds, and their latest values in NumPy (set_poses)
+        self._pose_field = ti.field(real, shape=(self.batch, 6), needs_grad=g)
+        self._seeds_field = ti.field(ti.i32, shape=self.batch)
+        self._pose_host = np.zeros((self.batch, 6), self._np_real)    # the fields' zeros
+        self._seeds_host = np.zeros(self.batch, np.int32)
+        self._pose_stale = False
         self.line_o = ti.Vector.field(3, real, shape=p.n_lines)
         self.line_d = ti.Vector.field(3, real, shape=p.n_lines)
         self.ro, self.rd, self.vo, self.vd = (ti.Vector.field(3, real, shape=NR, needs_grad=g)
@@ -360,8 +365,11 @@ class Simulator:
         seeds = (seeds.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
         out = [self.volume.default_pose if p is None else p if isinstance(p, Pose)
                else Pose.from_vector(p) for p in poses]
-        rays.set_poses(self.pose, self.seeds,                      # one launch per frame
-                       np.stack([p.as_vector() for p in out]).astype(self._np_real), seeds)
+        # kept in NumPy: the fused forward reads them as kernel arguments (and writes the
+        # fields); any other reader of the fields gets them through the pose/seeds properties
+        self._pose_host = np.stack([p.as_vector() for p in out]).astype(self._np_real)
+        self._seeds_host = seeds
+        self._pose_stale = True
         cov = {}
         for q in out:
             if id(q) not in cov:
@@ -371,6 +379,32 @@ class Simulator:
         self.last_pose = out[-1]
         self.last_poses = out
         return out
+
+    @property
+    def pose(self):
+        """Field (B, 6) [t mm, rotvec rad] of the frames' poses (:meth:`set_poses`); its
+        ``grad`` holds the pose gradient after a ``ti.ad.Tape``."""
+        self._flush_poses()
+        return self._pose_field
+
+    @property
+    def seeds(self):
+        """Field (B,) i32 of the frames' scatterer realisations (:meth:`set_poses`)."""
+        self._flush_poses()
+        return self._seeds_field
+
+    def _flush_poses(self):
+        """Write the poses/seeds of the last :meth:`set_poses` into their fields, if no kernel
+        has yet (one small launch; kept off a running Tape, like a set-up step before it)."""
+        if self.__dict__.get("_pose_stale"):
+            rt = ti.lang.impl.get_runtime()
+            tape, rt.target_tape = rt.target_tape, None
+            try:
+                rays.set_poses(self._pose_field, self._seeds_field, self._pose_host,
+                               self._seeds_host)
+            finally:
+                rt.target_tape = tape
+            self._pose_stale = False
 
     def _check_coverage(self, pose: Pose):
         """Warn when no part of the fan lies inside the volume (the image is then empty)."""
@@ -418,13 +452,15 @@ class Simulator:
         p, s = self.probe, self.settings
         mode = self.speckle_mode
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
-        fused.march_echo_iq(self.pose, self.line_o, self.line_d, self.w2v, self.props,
+        fused.march_echo_iq(self._pose_host, self._seeds_host, self._pose_field,
+                            self._seeds_field, self.line_o, self.line_d, self.w2v, self.props,
                             self.outside, self.vo, self.vd, self.ro, self.rd, self.ey,
                             self.eyv, self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
-                            self._k2h(), self.seeds, self.elev_off, self.elev_w, self._n_elev,
+                            self._k2h(), self.elev_off, self.elev_w, self._n_elev,
                             fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
                             self.iq_i, self.iq_q, self.env,   # env: scratch (gain x strength, 'mean')
                             backend.ray_loop_pad(self.iq_i.shape[0]))
+        self._pose_stale = False                 # the kernel wrote the pose/seeds fields
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         if out is None:
             out = self.__dict__.get("_no_out")

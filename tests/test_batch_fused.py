@@ -147,6 +147,32 @@ def test_batch_equals_single_renders(arch):
         np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
 
 
+def test_pose_fields_follow_set_poses(cpu32):
+    """set_poses only keeps the poses/seeds in NumPy: the fused kernel reads them as arguments
+    and writes the pose/seed fields itself, and any other reader of ``sim.pose`` / ``sim.seeds``
+    (the staged path, the user) gets them written on access (under a Tape without being
+    recorded: value_and_grad's set_pose, checked against finite differences in
+    test_gradients.py)."""
+    sim = Simulator("brain", probe=_probe(), arch="cpu", batch=2)
+    poses = _poses(sim, 2, seed=7)
+    want = np.stack([P.as_vector() for P in poses]).astype(np.float32)
+    sim.set_poses(poses, seeds=[5, 9])
+    assert sim._pose_stale
+    sim.forward_fused()                                  # the kernel writes the fields
+    assert not sim._pose_stale
+    np.testing.assert_array_equal(sim._pose_field.to_numpy(), want)
+    np.testing.assert_array_equal(sim._seeds_field.to_numpy(), [5, 9])
+    sim.set_poses(poses[::-1], seeds=[1, 2])             # a reader of the fields flushes them
+    np.testing.assert_array_equal(sim.pose.to_numpy(), want[::-1])
+    np.testing.assert_array_equal(sim.seeds.to_numpy(), [1, 2])
+    assert not sim._pose_stale
+    sim._rays()                                # make_rays (the staged path) from those fields
+    staged = [f.to_numpy() for f in (sim.ro, sim.rd, sim.vo, sim.vd)]
+    sim.render_batch(poses[::-1], seeds=[1, 2])         # the fused kernel's own rays
+    for a, f in zip(staged, (sim.ro, sim.rd, sim.vo, sim.vd)):
+        np.testing.assert_allclose(f.to_numpy(), a, atol=1e-5 * np.abs(a).max(), rtol=0)
+
+
 def test_batch_of_identical_poses_has_identical_frames(cpu32):
     """No leakage across frames: the lateral beam and elevation axes stop at frame edges."""
     sim = Simulator("brain", probe=_probe(), arch="cpu", batch=4)
@@ -238,9 +264,11 @@ def test_padded_ray_loops_equal_plain_ones(cpu32):
     np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
     out = []
     for pad in (1, 7):
-        fused.march_echo_iq(sim.pose, sim.line_o, sim.line_d, sim.w2v, sim.props, sim.outside,
-                            sim.vo, sim.vd, sim.ro, sim.rd, sim.ey, sim.eyv, sim.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
-                            sim._k2h(), sim.seeds, sim.elev_off, sim.elev_w, sim._n_elev, 0,
+        fused.march_echo_iq(sim._pose_host, sim._seeds_host, sim.pose, sim.seeds, sim.line_o,
+                            sim.line_d, sim.w2v, sim.props, sim.outside, sim.vo, sim.vd, sim.ro,
+                            sim.rd, sim.ey, sim.eyv, sim.gradT, p.sample_spacing_mm,
+                            1.0 / s.noise_cell_mm, sim._k2h(), sim.elev_off, sim.elev_w,
+                            sim._n_elev, 0,
                             np_step, sim.taps_i, sim.taps_q, sim.K, sim.iq_i, sim.iq_q, sim.env,
                             pad)
         out.append(np.stack([sim.iq_i.to_numpy(), sim.iq_q.to_numpy()]))

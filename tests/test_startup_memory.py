@@ -665,8 +665,8 @@ def test_fast_textwrap_equals_textwrap():
 
 def test_pos_info_memo_equals_get_pos_info():
     """The memoised ASTTransformerContext.get_pos_info (taichi_patches) returns the original's
-    message for every statement and expression node of the package's kernels and ti.funcs,
-    on the first call and from the memo."""
+    message for every statement and expression node (one-line and multi-line) of the package's
+    kernels and ti.funcs, at two indents, on the first call and from the memo."""
     import ast
     import glob
     import types
@@ -679,7 +679,7 @@ def test_pos_info_memo_equals_get_pos_info():
     patched = atu.ASTTransformerContext.get_pos_info
     original = patched.__wrapped__
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    n = 0
+    n = multi = 0
     for f in sorted(glob.glob(os.path.join(here, "diffus_taichi", "*.py"))):
         with open(f, encoding="utf-8") as fh:
             lines = fh.read().split("\n")
@@ -690,15 +690,17 @@ def test_pos_info_memo_equals_get_pos_info():
             start = fn.decorator_list[0].lineno
             src = lines[start - 1:fn.end_lineno]
             tree = ast.parse("\n".join(src))         # as Taichi: lines numbered from the def
-            ctx = types.SimpleNamespace(file=f, lineno_offset=start - 1, indent=0, src=src,
-                                        func=types.SimpleNamespace(func=types.SimpleNamespace(
-                                            __name__=fn.name)))
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.stmt, ast.expr)):
-                    want = original(ctx, node)
-                    assert patched(ctx, node) == want and patched(ctx, node) == want
-                    n += 1
-    assert n > 5000
+            for indent in (0, 4):                    # (Taichi's dedent of nested functions)
+                ctx = types.SimpleNamespace(file=f, lineno_offset=start - 1, indent=indent,
+                                            src=src, func=types.SimpleNamespace(
+                                                func=types.SimpleNamespace(__name__=fn.name)))
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.stmt, ast.expr)):
+                        want = original(ctx, node)
+                        assert patched(ctx, node) == want and patched(ctx, node) == want
+                        n += 1
+                        multi += node.lineno != node.end_lineno
+    assert n > 10000 and multi > 500
 
 
 def test_source_memo_equals_getsourcelines():
@@ -720,6 +722,40 @@ def test_source_memo_equals_getsourcelines():
         assert a[0] is not b[0]
         a[0].clear()
         assert ki.getsourcelines(fn)[0] == b[0] and len(b[0]) > 1
+
+
+def test_gc_paused_during_kernel_front_end():
+    """Kernel.materialize runs with the cyclic collector paused (taichi_patches.gc_paused) and
+    leaves it as it found it: enabled, disabled, and after an exception."""
+    import gc
+
+    from taichi.lang import kernel_impl as ki
+
+    from diffus_taichi import backend, taichi_patches as tp
+
+    assert backend.PATCHES.get("gc_paused_front_end") in ("applied", "already applied")
+    assert getattr(ki.Kernel.materialize, "_diffus_patch", False)
+    seen = []
+
+    def probe_fn(x):
+        seen.append(gc.isenabled())
+        if x == "raise":
+            raise KeyError(x)
+        return x
+
+    wrapped = tp.gc_paused(probe_fn)
+    was = gc.isenabled()
+    try:
+        for start in (True, False):
+            (gc.enable if start else gc.disable)()
+            assert wrapped(3) == 3
+            assert gc.isenabled() is start
+            with pytest.raises(KeyError):
+                wrapped("raise")
+            assert gc.isenabled() is start
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen == [False] * 4
 
 
 def test_inside_class_patch_equals_original(tmp_path, monkeypatch):
