@@ -7,11 +7,13 @@ gradient needs none of those intermediates, so here
 
 1. :func:`march_echo_iq` (rays in parallel, samples serial) makes each ray from the pose (as
    rays.make_rays and march.elevation_axes, which are then not launched; the poses come as a
-   NumPy argument, so no upload kernel runs per frame either), samples the
-   acoustic-property volume (the 8 voxel corners are fetched once per voxel the ray enters,
-   not once per sample), runs the primary echo recursion (round-trip transmission carried in
-   a register), forms the complex RF and applies the axial Gabor pulse with a (2K+1)-sample
-   shift register, writing only the axial I/Q (rays, samples);
+   NumPy argument, so no upload kernel runs per frame either), computes the coherent
+   scatterer sums of all its samples in a first loop that LLVM vectorises across samples (no
+   loop-carried state; 2x faster than inside the serial loop), then in a serial loop samples
+   the acoustic-property volume (the 8 voxel corners are fetched once per voxel the ray
+   enters, not once per sample), runs the primary echo recursion (round-trip transmission
+   carried in a register), forms the complex RF and applies the axial Gabor pulse with a
+   (2K+1)-sample shift register, writing only the axial I/Q (rays, samples);
 2. :func:`bmode_fan` (per sample) sums the lateral beam across lines of the same frame, takes
    the envelope (plus the expected diffuse intensity for ``speckle='mean'``), log-compresses it
    to the B-mode lines (rays, samples) in [0, 1] and scan-converts them to the fan (a second
@@ -28,7 +30,7 @@ import taichi as ti
 
 from .image import DB_PER_NEPER, lateral_at
 from .march import (cached_corners, cell_phasors, elevation_axis, incidence_cos,
-                    interp_corners, no_cached_corners, speckle_sample)
+                    interp_corners, no_cached_corners, scatterer_sum, speckle_sample)
 from .rays import mat3_vec, pose_transform, voxel_affine
 from .echo import refl
 from .scan import scan_fan
@@ -121,6 +123,15 @@ def march_echo_iq(pose_src: ti.types.ndarray(ndim=2), seed_src: ti.types.ndarray
         tpi, tpq = tap_registers(taps_i, taps_q, K)
         bi = ti.Vector([0.0] * (2 * K + 1))        # RF shift register (I, Q)
         bq = ti.Vector([0.0] * (2 * K + 1))
+        if ti.static(mode == 0 and n_elev == 1):
+            # the scatterer sums of all samples first, in a loop without loop-carried state
+            # (LLVM vectorises it across samples), parked in iq_i/iq_q[r, s]: the serial loop
+            # below reads slot s before it writes the I/Q of sample s - 1 - K there
+            e_ax = ey[r]
+            for s in range(S):
+                a, bb = scatterer_sum(P, (o + (s * step_mm) * d) + elev_off[s, 0] * e_ax, d,
+                                      inv_cell_mm, k2h, seed)
+                iq_i[r, s], iq_q[r, s] = a, bb
         for s in range(S + 1 + K):
             if s <= S:
                 rf, rfq = 0.0, 0.0
@@ -135,7 +146,10 @@ def march_echo_iq(pose_src: ti.types.ndarray(ndim=2), seed_src: ti.types.ndarray
                     prop, gidx = interp_corners(c000, c100, c010, c110, c001, c101, c011, c111,
                                                 fr[0], fr[1], fr[2])
                     cw = incidence_cos(mat3_vec(gradT[None], gidx), d)
-                    if ti.static(mode == 0):
+                    if ti.static(mode == 0 and n_elev == 1):   # as speckle_sample
+                        si += elev_w[s, 0] * prop[2] * iq_i[r, s]
+                        sq += elev_w[s, 0] * prop[2] * iq_q[r, s]
+                    elif ti.static(mode == 0):
                         si, sq = speckle_sample(props, outside, P, prop[2], pv,
                                                 o + d_mm * d, r, s, rd, ey, eyv,
                                                 inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev)

@@ -293,8 +293,11 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                z: ti.template(), alpha: ti.template(), scat: ti.template(), scat_q: ti.template(),
                cosw: ti.template(), pad: ti.template(), jac: ti.template(), use_jac: ti.template()):
     """use_jac (static, with noise_on): also store each sample's scatterer-sum Jacobian per
-    elevation plane in jac (rays, samples, n_elev) 14-vectors (:func:`_scatterer_sum_jac`), so
-    that :func:`_march_bwd` need not hash the lattice again."""
+    elevation plane in jac (rays, samples, n_elev) 15-vectors (:func:`_scatterer_sum_jac`'s 14
+    values, then the plane's scattering strength), so that :func:`_march_bwd` need not hash
+    the lattice again. With one elevation plane the scatterer sums (and Jacobians) of a ray's
+    samples are computed first, in a loop without loop-carried state that LLVM vectorises
+    across samples (AVX2: 8 at a time); the serial loop (voxel cache) then reads them."""
     for rr in range(z.shape[0] * pad):   # rays in parallel (backend.ray_loop_pad), samples serial
         if rr % pad != 0:
             continue
@@ -304,6 +307,18 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
         if ti.static(use_jac):
             R = phasor_log_derivs(rd[r], k2h)
         seed = seeds[r // (z.shape[0] // seeds.shape[0])]
+        if ti.static(noise_on and n_elev == 1):
+            # the scatterer sums (and Jacobians) of all samples first, in a loop without
+            # loop-carried state (LLVM vectorises it across samples): into jac, or parked
+            # in scat/scat_q[r, s], which the serial loop reads before it writes them
+            o_w, d_w, e_w = ro[r], rd[r], ey[r]
+            for s in range(z.shape[1]):
+                xs = (o_w + (s * step_mm) * d_w) + elev_off[s, 0] * e_w
+                if ti.static(use_jac):
+                    _store_jac(jac, r, s, 0, _scatterer_sum_jac(P, R, xs, d_w, inv_cell_mm,
+                                                                k2h, seed))
+                else:
+                    scat[r, s], scat_q[r, s] = scatterer_sum(P, xs, d_w, inv_cell_mm, k2h, seed)
         ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         for s in range(z.shape[1]):
             d_mm = s * step_mm
@@ -315,7 +330,18 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
             cosw[r, s] = incidence_cos(mat3_vec(gradT[None], gidx), rd[r])
             z[r, s] = prop[0]
             alpha[r, s] = prop[1]
-            if ti.static(noise_on and use_jac):
+            if ti.static(noise_on and n_elev == 1):       # as speckle_sample, sums from above
+                J01 = ti.Vector([0.0, 0.0])
+                if ti.static(use_jac):
+                    J01 = ti.Vector([jac[r, s, 0][0], jac[r, s, 0][1]])
+                    jac[r, s, 0][14] = prop[2]                 # the strength, for the backward
+                else:
+                    J01 = ti.Vector([scat[r, s], scat_q[r, s]])
+                si, sq = 0.0, 0.0
+                si += elev_w[s, 0] * prop[2] * J01[0]
+                sq += elev_w[s, 0] * prop[2] * J01[1]
+                scat[r, s], scat_q[r, s] = si, sq
+            elif ti.static(noise_on and use_jac):
                 x = ro[r] + d_mm * rd[r]
                 si, sq = 0.0, 0.0
                 for e in ti.static(range(n_elev)):        # as speckle_sample, keeping J
@@ -324,7 +350,8 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                     if ti.static(n_elev > 1):
                         st = trilinear_value(props, pv + off * eyv[r], outside[None])[2]
                     J = _scatterer_sum_jac(P, R, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
-                    jac[r, s, e] = J
+                    _store_jac(jac, r, s, e, J)
+                    jac[r, s, e][14] = st
                     si += elev_w[s, e] * st * J[0]
                     sq += elev_w[s, e] * st * J[1]
                 scat[r, s], scat_q[r, s] = si, sq
@@ -380,6 +407,14 @@ def _scatterer_sum_grad(P, R, x, d, inv_cell_mm, k2h, seed, lr, li):
     J = _scatterer_sum_jac(P, R, x, d, inv_cell_mm, k2h, seed)
     gx, gd = _apply_jac(J, lr, li, inv_cell_mm)
     return J[0], J[1], gx, gd
+
+
+@ti.func
+def _store_jac(jac: ti.template(), r, s, e, J):
+    """jac[r, s, e][:14] = J (:func:`_scatterer_sum_jac`; component 14 holds the plane's
+    scattering strength, written by the march)."""
+    for k in ti.static(range(14)):
+        jac[r, s, e][k] = J[k]
 
 
 @ti.func
@@ -494,7 +529,9 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
     ro, rd, ey, eyv) are summed over the samples in registers and written once (the automatic
     one added into them atomically for every sample: ~3x the forward's cost); with
     ``props_grad`` (static) also props.grad (atomically: rays share voxels); use_jac (static):
-    the scatterer-sum Jacobians the forward stored in jac instead of recomputing them."""
+    the scatterer-sum Jacobians the forward stored in jac instead of recomputing them (one
+    elevation plane: their contribution to the ray adjoints summed in a separate, vectorised
+    loop over the samples)."""
     for rr in range(z.shape[0] * pad):
         if rr % pad != 0:
             continue
@@ -509,6 +546,19 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
         g_vo, g_vd, g_ro, g_rd = (ti.Vector.zero(float, 3), ti.Vector.zero(float, 3),
                                   ti.Vector.zero(float, 3), ti.Vector.zero(float, 3))
         g_ey, g_eyv = ti.Vector.zero(float, 3), ti.Vector.zero(float, 3)
+        pre = ti.static(noise_on and use_jac and n_elev == 1)
+        if ti.static(pre):
+            # the scatterer sums' adjoints into the ray first (a reduction over the samples
+            # without other loop-carried state: LLVM vectorises it), from the Jacobians and
+            # strengths the forward kept
+            for s in range(S):
+                J = jac[r, s, 0]
+                w_st = elev_w[s, 0] * J[14]
+                gx, gd = _apply_jac(J, w_st * scat.grad[r, s], w_st * scat_q.grad[r, s],
+                                    inv_cell_mm)
+                g_ro += gx
+                g_rd += (s * step_mm) * gx + gd
+                g_ey += elev_off[s, 0] * gx
         ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         for s in range(S):
             d_mm = s * step_mm
@@ -558,16 +608,19 @@ def _march_bwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                         st = trilinear_value(props, pe, outside[None])[2]
                     a, b = 0.0, 0.0
                     gx, gd = ti.Vector([0.0, 0.0, 0.0]), ti.Vector([0.0, 0.0, 0.0])
-                    if ti.static(use_jac):
+                    if ti.static(pre):                      # gx, gd summed above
+                        a, b = jac[r, s, e][0], jac[r, s, e][1]
+                    elif ti.static(use_jac):
                         J = jac[r, s, e]
                         a, b = J[0], J[1]
                         gx, gd = _apply_jac(J, we * st * gs, we * st * gq, inv_cell_mm)
                     else:
                         a, b, gx, gd = _scatterer_sum_grad(P, R, x + off * e_w, d, inv_cell_mm,
                                                            k2h, seed, we * st * gs, we * st * gq)
-                    g_ro += gx
-                    g_rd += d_mm * gx + gd
-                    g_ey += off * gx
+                    if ti.static(not pre):
+                        g_ro += gx
+                        g_rd += d_mm * gx + gd
+                        g_ey += off * gx
                     g_st = we * (gs * a + gq * b)
                     if ti.static(n_elev > 1):   # strength of the offset plane: channel 2 there
                         fe = ti.floor(pe)
@@ -624,8 +677,9 @@ def march(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, 
     plane's scattering strength x :func:`scatterer_sum`; else scat = the strength alone, scat_q 0.
     Rays in parallel, samples serial; pad: index stride of the ray loop
     (:func:`backend.ray_loop_pad`). Backward: :func:`_march_bwd` (hand-written). jac: None, or
-    a (rays, samples, n_elev) 14-vector field where the forward keeps the scatterer-sum
-    Jacobians for the backward (with noise_on; under a Tape: the backward then hashes nothing).
+    a (rays, samples, n_elev) 15-vector field where the forward keeps the scatterer-sum
+    Jacobians and the strengths for the backward (with noise_on; under a Tape: the backward then
+    hashes nothing; SoA layout, ti.Layout.SOA, so that the loops over samples vectorise).
     """
     use = bool(noise_on) and jac is not None
     _march_fwd(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,

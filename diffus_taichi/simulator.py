@@ -246,8 +246,11 @@ class Simulator:
         if fused and g:                   # adjoint scratch of tape_fused.lateral_envelope_log
             self._gli, self._glq = f2(False), f2(False)
         # scatterer-sum Jacobians that the march's forward keeps for its backward under a Tape
-        # (14 values per sample and elevation plane; march.march's jac)
-        self._sjac = (ti.Vector.field(14, real, shape=(NR, NS, self._n_elev)) if g else None)
+        # (14 partials and the plane's scattering strength per sample and elevation plane,
+        # march.march's jac; one array per component, so that the loops over samples that
+        # write and read it vectorise)
+        self._sjac = (ti.Vector.field(15, real, shape=(NR, NS, self._n_elev),
+                                      layout=ti.Layout.SOA) if g else None)
         self._tape_fused = fused
         if self.echo_model == "layered":
             self.cumatt, self.ret, self.tr2 = f2(), f2(), f2()
