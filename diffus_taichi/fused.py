@@ -152,7 +152,8 @@ def march_echo_iq(pose_src: ti.types.ndarray(ndim=2), seed_src: ti.types.ndarray
                     elif ti.static(mode == 0):
                         si, sq = speckle_sample(props, outside, P, prop[2], pv,
                                                 o + d_mm * d, r, s, rd, ey, eyv,
-                                                inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev)
+                                                inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev,
+                                                P, None, False)
                 if s > 0:                            # sample s - 1 is complete: its RF
                     e = 0.0
                     g_next = g

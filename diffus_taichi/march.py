@@ -341,24 +341,10 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
                 si += elev_w[s, 0] * prop[2] * J01[0]
                 sq += elev_w[s, 0] * prop[2] * J01[1]
                 scat[r, s], scat_q[r, s] = si, sq
-            elif ti.static(noise_on and use_jac):
-                x = ro[r] + d_mm * rd[r]
-                si, sq = 0.0, 0.0
-                for e in ti.static(range(n_elev)):        # as speckle_sample, keeping J
-                    st = prop[2]
-                    off = elev_off[s, e]
-                    if ti.static(n_elev > 1):
-                        st = trilinear_value(props, pv + off * eyv[r], outside[None])[2]
-                    J = _scatterer_sum_jac(P, R, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
-                    _store_jac(jac, r, s, e, J)
-                    jac[r, s, e][14] = st
-                    si += elev_w[s, e] * st * J[0]
-                    sq += elev_w[s, e] * st * J[1]
-                scat[r, s], scat_q[r, s] = si, sq
             elif ti.static(noise_on):
                 scat[r, s], scat_q[r, s] = speckle_sample(
                     props, outside, P, prop[2], pv, ro[r] + d_mm * rd[r], r, s, rd, ey, eyv,
-                    inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev)
+                    inv_cell_mm, k2h, seed, elev_off, elev_w, n_elev, R, jac, use_jac)
             else:   # scattering strength only (expected-intensity image formation)
                 scat[r, s] = prop[2]
                 scat_q[r, s] = 0.0
@@ -706,17 +692,27 @@ def incidence_cos(g, d):
 @ti.func
 def speckle_sample(props: ti.template(), outside: ti.template(), P, strength, pv, x, r, s,
                    rd: ti.template(), ey: ti.template(), eyv: ti.template(), inv_cell_mm, k2h,
-                   seed, elev_off: ti.template(), elev_w: ti.template(), n_elev: ti.template()):
+                   seed, elev_off: ti.template(), elev_w: ti.template(), n_elev: ti.template(),
+                   R, jac: ti.template(), use_jac: ti.template()):
     """Complex scatterer signal (I, Q) of sample s of ray r at voxel position pv / world x (mm):
     sum over the n_elev elevation planes of elev_w x the plane's scattering strength x
-    :func:`scatterer_sum` (``strength``: that of the central plane)."""
+    :func:`scatterer_sum` (``strength``: that of the central plane). use_jac (static): the
+    sums from :func:`_scatterer_sum_jac` (R: :func:`phasor_log_derivs`), each plane's
+    Jacobian and strength also stored in jac[r, s, e] (else jac and R are not used)."""
     ci, cq = 0.0, 0.0
     for e in ti.static(range(n_elev)):
         st = strength
         off = elev_off[s, e]
         if ti.static(n_elev > 1):
             st = trilinear_value(props, pv + off * eyv[r], outside[None])[2]
-        a, b = scatterer_sum(P, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
+        a, b = 0.0, 0.0
+        if ti.static(use_jac):
+            J = _scatterer_sum_jac(P, R, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
+            _store_jac(jac, r, s, e, J)
+            jac[r, s, e][14] = st
+            a, b = J[0], J[1]
+        else:
+            a, b = scatterer_sum(P, x + off * ey[r], rd[r], inv_cell_mm, k2h, seed)
         ci += elev_w[s, e] * st * a
         cq += elev_w[s, e] * st * b
     return ci, cq
