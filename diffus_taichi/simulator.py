@@ -15,6 +15,7 @@ one field per stage.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -68,6 +69,18 @@ class ImagingSettings:
             raise ValueError(f"noise_cell_mm must be > 0 mm, got {self.noise_cell_mm}")
         if self.elevation_planes not in (1, 3):
             raise ValueError(f"elevation_planes must be 1 or 3, got {self.elevation_planes!r}")
+
+
+@contextlib.contextmanager
+def _off_tape():
+    """Kernels launched inside are not recorded by a running ``ti.ad.Tape`` (set-up uploads
+    that happen lazily, on first use inside a Tape: not part of the differentiated program)."""
+    rt = ti.lang.impl.get_runtime()
+    tape, rt.target_tape = rt.target_tape, None
+    try:
+        yield
+    finally:
+        rt.target_tape = tape
 
 
 class Simulator:
@@ -269,7 +282,7 @@ class Simulator:
         ti_, tq, lw = self._taps
         base, frac = scan.scan_lookup(p)
         fields = [self.line_o, self.line_d, self.taps_i, self.taps_q, self.lat_w, self.sc_base,
-                  self.sc_frac, self.elev_off, self.elev_w, self._speckle_c]
+                  self.sc_frac, self.elev_off, self.elev_w]
         arrays = [o, d, ti_, tq, lw, base, frac, *self._imaging_arrays]
         if self._shared is None:
             A = v.world_to_voxel
@@ -400,13 +413,9 @@ class Simulator:
         """Write the poses/seeds of the last :meth:`set_poses` into their fields, if no kernel
         has yet (one small launch; kept off a running Tape, like a set-up step before it)."""
         if self.__dict__.get("_pose_stale"):
-            rt = ti.lang.impl.get_runtime()
-            tape, rt.target_tape = rt.target_tape, None
-            try:
+            with _off_tape():
                 rays.set_poses(self._pose_field, self._seeds_field, self._pose_host,
                                self._seeds_host)
-            finally:
-                rt.target_tape = tape
             self._pose_stale = False
 
     def _check_coverage(self, pose: Pose):
@@ -477,7 +486,8 @@ class Simulator:
         else:
             with_out = True
         fused.bmode_fan(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines, mode == "mean",
-                        self.env, self._speckle_c, s.gain_db, tgc, s.dynamic_range_db,
+                        self.env, self._speckle_power() if mode == "mean" else self._speckle_c,
+                        s.gain_db, tgc, s.dynamic_range_db,
                         self.bmode, backend.lateral_loop_pad(self.bmode.shape[1] * self.batch),
                         self.sc_base, self.sc_frac, self.fan, out, with_out)
 
@@ -524,7 +534,8 @@ class Simulator:
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         env = self.env
         if self.speckle_mode == "mean":
-            image.add_incoherent(self.env, self.gain, self.scat, self._speckle_c, self.env_mean)
+            image.add_incoherent(self.env, self.gain, self.scat, self._speckle_power(),
+                                 self.env_mean)
             env = self.env_mean
         image.log_compress(env, s.gain_db, tgc, s.dynamic_range_db, self.bmode)
         scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)
@@ -551,7 +562,9 @@ class Simulator:
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)
         tape_fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
-                                        mode == "mean", self.gain, self.scat, self._speckle_c,
+                                        mode == "mean", self.gain, self.scat,
+                                        self._speckle_power() if mode == "mean"
+                                        else self._speckle_c,
                                         s.gain_db, tgc, s.dynamic_range_db, self.lat_i,
                                         self.lat_q, gli, glq, self.bmode)
         adj = getattr(self, "_scan_adj", None)
@@ -578,12 +591,28 @@ class Simulator:
         off, w = image.elevation_planes(p, self._n_elev)
         self.elev_off = ti.field(real, shape=off.shape)
         self.elev_w = ti.field(real, shape=w.shape)
-        ti_, tq, lw = self._taps
-        c = image.speckle_power_factor(ti_, tq, lw, p.sample_spacing_mm, st.noise_cell_mm, w,
-                                       image.line_spacing_mm(p))
-        self._speckle_c = ti.field(real, shape=NS)      # per-depth expected speckle power
+        # per-depth expected speckle power: made on first use (:meth:`_speckle_power`)
+        self._speckle_c = ti.field(real, shape=NS)
+        self._speckle_c_ready = False
+        self._elev_w_np = w
         # uploaded with the other static fields by _upload_static (one kernel launch)
-        self._imaging_arrays = (off, w, np.broadcast_to(np.asarray(c, dtype=np.float64), (NS,)))
+        self._imaging_arrays = (off, w)
+
+    def _speckle_power(self):
+        """Field (n_samples,) of the expected coherent-speckle power per depth
+        (:func:`image.speckle_power_factor`) that ``speckle='mean'`` needs; computed and
+        uploaded on its first use (a NumPy computation of ~18 ms at 256x512 that the other
+        modes never need; with the settings at that time), off any running Tape."""
+        if not self._speckle_c_ready:
+            p, st = self.probe, self.settings
+            ti_, tq, lw = self._taps
+            c = image.speckle_power_factor(ti_, tq, lw, p.sample_spacing_mm, st.noise_cell_mm,
+                                           self._elev_w_np, image.line_spacing_mm(p))
+            c = np.broadcast_to(np.asarray(c, dtype=np.float64), (p.n_samples,))
+            with _off_tape():
+                self._speckle_c.from_numpy(c.astype(self._np_real))
+            self._speckle_c_ready = True
+        return self._speckle_c
 
     def _k2h(self) -> float:
         """Round-trip wavenumber 2k = 4 pi / wavelength times the scatterer cell (rad)."""

@@ -173,6 +173,46 @@ def test_pose_fields_follow_set_poses(cpu32):
         np.testing.assert_allclose(f.to_numpy(), a, atol=1e-5 * np.abs(a).max(), rtol=0)
 
 
+def test_speckle_power_made_on_first_mean_use(cpu32, monkeypatch):
+    """The per-depth speckle power (speckle='mean' only) is computed on its first use, also
+    when that is inside value_and_grad's Tape (the upload is not recorded on the Tape, nor is
+    the deferred pose upload; the gradient equals the one of a second call), and equals
+    image.speckle_power_factor."""
+    from diffus_taichi import image
+
+    recorded = []
+    insert = ti.ad.Tape.insert
+
+    def spy(self, func, args):
+        recorded.append(getattr(getattr(func, "func", func), "__name__", str(func)))
+        return insert(self, func, args)
+
+    monkeypatch.setattr(ti.ad.Tape, "insert", spy)
+
+    sim = _shared_sim("cpu", "f32")
+    sim.render(_poses(sim, 1, seed=8)[0])
+    assert not sim._speckle_c_ready                     # coherent speckle: never needed
+    g = Simulator("brain", probe=_probe(), arch="cpu", requires_grad="pose", speckle="mean",
+                  share_volume_with=sim)
+    assert not g._speckle_c_ready
+    P = _poses(sim, 1, seed=9)[0]
+    g.set_loss(np.full(tuple(g.fan.shape), 0.5, np.float32), "mse", mask=None)
+    v1, g1 = g.value_and_grad(P)                         # first use: inside the Tape
+    assert g._speckle_c_ready
+    # neither that upload nor value_and_grad's deferred pose upload (set_poses, flushed by the
+    # first reader of the pose field, make_rays) is on the Tape
+    assert "make_rays" in recorded and not any("ext_arr" in n for n in recorded), recorded
+    assert "set_poses" not in recorded, recorded
+    v2, g2 = g.value_and_grad(P)
+    assert np.isfinite(g1["pose"]).all() and np.abs(g1["pose"]).max() > 0
+    assert v1 == v2
+    np.testing.assert_array_equal(g1["pose"], g2["pose"])
+    p, st = g.probe, g.settings
+    want = image.speckle_power_factor(*g._taps, p.sample_spacing_mm, st.noise_cell_mm,
+                                      g._elev_w_np, image.line_spacing_mm(p))
+    np.testing.assert_allclose(g._speckle_c.to_numpy(), want, rtol=1e-6)
+
+
 def test_batch_of_identical_poses_has_identical_frames(cpu32):
     """No leakage across frames: the lateral beam and elevation axes stop at frame edges."""
     sim = Simulator("brain", probe=_probe(), arch="cpu", batch=4)
@@ -283,7 +323,8 @@ def test_padded_ray_loops_equal_plain_ones(cpu32):
         for pad in (0, 1, 3):
             fan = np.full(tuple(sim.fan.shape), -1.0, sim._np_real)
             fused.bmode_fan(sim.iq_i, sim.iq_q, sim.lat_w, sim.M, p.n_lines, mean, sim.env,
-                            sim._speckle_c, s.gain_db, tgc, s.dynamic_range_db, sim.bmode, pad,
+                            sim._speckle_power(), s.gain_db, tgc, s.dynamic_range_db, sim.bmode,
+                            pad,
                             sim.sc_base, sim.sc_frac, sim.fan, fan, True)
             lines.append(sim.bmode.to_numpy())
             assert np.array_equal(fan, sim.fan.to_numpy())    # the ndarray copy of the fan
