@@ -399,7 +399,9 @@ class Simulator:
     @property
     def pose(self):
         """Field (B, 6) [t mm, rotvec rad] of the frames' poses (:meth:`set_poses`); its
-        ``grad`` holds the pose gradient after a ``ti.ad.Tape``."""
+        ``grad`` holds the pose gradient after a ``ti.ad.Tape``. Set poses with
+        :meth:`set_pose` / :meth:`set_poses`, not by writing this field: the forward-only
+        render takes them from there as kernel arguments."""
         self._flush_poses()
         return self._pose_field
 
@@ -434,7 +436,7 @@ class Simulator:
                         pose.to_string(), self.volume.name)
 
     def forward(self):
-        """Render the pose(s) already in ``self.pose`` into ``self.fan`` (the acoustic-property
+        """Render the pose(s) of the last :meth:`set_poses` into ``self.fan`` (the acoustic-property
         volume is computed by :meth:`update_acoustics`, outside the per-frame path).
 
         Outside a ``ti.ad.Tape`` the ``primary`` model runs the fused forward-only kernels
