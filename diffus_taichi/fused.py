@@ -30,7 +30,7 @@ import taichi as ti
 
 from .image import DB_PER_NEPER, lateral_at
 from .march import (cached_corners, cell_phasors, elevation_axis, incidence_cos,
-                    interp_corners, no_cached_corners, scatterer_sum, speckle_sample)
+                    interp_corners, no_cached_corners, ray_scatterer_sums, speckle_sample)
 from .rays import mat3_vec, pose_transform, voxel_affine
 from .echo import refl
 from .scan import scan_fan
@@ -87,8 +87,9 @@ def march_echo_iq(pose_src: ti.types.ndarray(ndim=2), seed_src: ti.types.ndarray
     copies into the fields pose and seeds (as rays.set_poses, which then need not run per
     frame). Each ray is made here as in rays.make_rays (line l of frame b = r // n_lines; also
     written to ro, rd, vo, vd and, for coherent speckle, its elevation axis to ey, eyv as
-    march.elevation_axes), then marched as march.march. mode (static): 0 coherent scatterers, 1 'mean' (writes incoh =
-    two-way gain x scattering strength for the expected diffuse intensity), 2 'off'.
+    march.elevation_axes), then marched as march.march. mode (static): 0 coherent scatterers,
+    1 'mean' (writes incoh = two-way gain x scattering strength for the expected diffuse
+    intensity), 2 'off'.
     np_per_dbcm_step: nepers per (dB/cm/MHz) over one sample step. pad (static): ray
     r = index // pad, only every pad-th index works (backend.ray_loop_pad: spreads few rays
     over every CPU thread)."""
@@ -127,11 +128,8 @@ def march_echo_iq(pose_src: ti.types.ndarray(ndim=2), seed_src: ti.types.ndarray
             # the scatterer sums of all samples first, in a loop without loop-carried state
             # (LLVM vectorises it across samples), parked in iq_i/iq_q[r, s]: the serial loop
             # below reads slot s before it writes the I/Q of sample s - 1 - K there
-            e_ax = ey[r]
-            for s in range(S):
-                a, bb = scatterer_sum(P, (o + (s * step_mm) * d) + elev_off[s, 0] * e_ax, d,
-                                      inv_cell_mm, k2h, seed)
-                iq_i[r, s], iq_q[r, s] = a, bb
+            ray_scatterer_sums(P, o, d, ey[r], step_mm, elev_off, inv_cell_mm, k2h, seed, r,
+                               iq_i, iq_q)
         for s in range(S + 1 + K):
             if s <= S:
                 rf, rfq = 0.0, 0.0

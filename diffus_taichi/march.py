@@ -312,13 +312,14 @@ def _march_fwd(props: ti.template(), outside: ti.template(), vo: ti.template(), 
             # loop-carried state (LLVM vectorises it across samples): into jac, or parked
             # in scat/scat_q[r, s], which the serial loop reads before it writes them
             o_w, d_w, e_w = ro[r], rd[r], ey[r]
-            for s in range(z.shape[1]):
-                xs = (o_w + (s * step_mm) * d_w) + elev_off[s, 0] * e_w
-                if ti.static(use_jac):
+            if ti.static(use_jac):
+                for s in range(z.shape[1]):
+                    xs = (o_w + (s * step_mm) * d_w) + elev_off[s, 0] * e_w
                     _store_jac(jac, r, s, 0, _scatterer_sum_jac(P, R, xs, d_w, inv_cell_mm,
                                                                 k2h, seed))
-                else:
-                    scat[r, s], scat_q[r, s] = scatterer_sum(P, xs, d_w, inv_cell_mm, k2h, seed)
+            else:
+                ray_scatterer_sums(P, o_w, d_w, e_w, step_mm, elev_off, inv_cell_mm, k2h, seed,
+                                   r, scat, scat_q)
         ci, c000, c100, c010, c110, c001, c101, c011, c111 = no_cached_corners()   # voxel cache
         for s in range(z.shape[1]):
             d_mm = s * step_mm
@@ -393,6 +394,17 @@ def _scatterer_sum_grad(P, R, x, d, inv_cell_mm, k2h, seed, lr, li):
     J = _scatterer_sum_jac(P, R, x, d, inv_cell_mm, k2h, seed)
     gx, gd = _apply_jac(J, lr, li, inv_cell_mm)
     return J[0], J[1], gx, gd
+
+
+@ti.func
+def ray_scatterer_sums(P, o, d, e_ax, step_mm, elev_off: ti.template(), inv_cell_mm, k2h, seed,
+                       r, a_out: ti.template(), b_out: ti.template()):
+    """(a_out, b_out)[r, s] = :func:`scatterer_sum` of every sample s of ray r (world origin o
+    mm, unit direction d, elevation axis e_ax; one elevation plane, offsets elev_off[s, 0]), in
+    a loop without loop-carried state, which LLVM vectorises across samples."""
+    for s in range(a_out.shape[1]):
+        a_out[r, s], b_out[r, s] = scatterer_sum(
+            P, (o + (s * step_mm) * d) + elev_off[s, 0] * e_ax, d, inv_cell_mm, k2h, seed)
 
 
 @ti.func

@@ -488,8 +488,7 @@ class Simulator:
         else:
             with_out = True
         fused.bmode_fan(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines, mode == "mean",
-                        self.env, self._speckle_power() if mode == "mean" else self._speckle_c,
-                        s.gain_db, tgc, s.dynamic_range_db,
+                        self.env, self._speckle_field(mode), s.gain_db, tgc, s.dynamic_range_db,
                         self.bmode, backend.lateral_loop_pad(self.bmode.shape[1] * self.batch),
                         self.sc_base, self.sc_frac, self.fan, out, with_out)
 
@@ -565,8 +564,7 @@ class Simulator:
         gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)
         tape_fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
                                         mode == "mean", self.gain, self.scat,
-                                        self._speckle_power() if mode == "mean"
-                                        else self._speckle_c,
+                                        self._speckle_field(mode),
                                         s.gain_db, tgc, s.dynamic_range_db, self.lat_i,
                                         self.lat_q, gli, glq, self.bmode)
         adj = getattr(self, "_scan_adj", None)
@@ -615,6 +613,11 @@ class Simulator:
                 self._speckle_c.from_numpy(c.astype(self._np_real))
             self._speckle_c_ready = True
         return self._speckle_c
+
+    def _speckle_field(self, mode: str):
+        """The speckle-power field for the image-formation kernels: :meth:`_speckle_power` in
+        ``'mean'`` mode, else the (unread) field as it is."""
+        return self._speckle_power() if mode == "mean" else self._speckle_c
 
     def _k2h(self) -> float:
         """Round-trip wavenumber 2k = 4 pi / wavelength times the scatterer cell (rad)."""
