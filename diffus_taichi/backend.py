@@ -42,10 +42,11 @@ def ray_loop_pad(n_rays: int) -> int:
     return max(1, -(-RAY_LOOP_MIN_ITERS // max(1, int(n_rays))))
 
 
-def lateral_loop_pad(n_tasks: int) -> int:
+def lateral_loop_pad(n_rays: int) -> int:
     """``pad`` of fused.lateral_envelope_log: 0 on GPU backends (one thread per output), else
-    :func:`ray_loop_pad` of its (frame, sample) tasks (a sliding window over lines, on CPU)."""
-    return 0 if _state["arch"] != "cpu" else ray_loop_pad(n_tasks)
+    :func:`ray_loop_pad` of its rays (one task per line, a vectorised loop over samples, on
+    CPU)."""
+    return 0 if _state["arch"] != "cpu" else ray_loop_pad(n_rays)
 
 
 def arch_supported(name: str) -> bool:

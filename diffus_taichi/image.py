@@ -16,6 +16,7 @@ import taichi as ti
 DB_PER_NEPER = 20.0 / math.log(10.0)
 
 
+
 def axial_taps(probe, max_half: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """In-phase and quadrature taps (2K+1,) of the pulse-echo Gabor pulse sampled at the sample
     spacing: Gaussian envelope with the probe's axial FWHM, carrier 2 k0 (round trip).
@@ -249,6 +250,13 @@ def speckle_power_factor(taps_i, taps_q, lat_w, step_mm=None, cell_mm=None, elev
     idx = np.unique(np.linspace(0, S - 1, min(S, 64)).astype(int))
     lat = np.interp(np.arange(S), idx, _tent_energies(lat_w[idx], sp[idx]))
     return SCAT_AMP ** 2 * ax * lat * (2.0 / 3.0) * el
+
+
+def lateral_frame_mask(n_lines: int, M: int) -> np.ndarray:
+    """(n_lines, 2M+1) array: 1 where entry m of line l's lateral window, line l - M + m, lies in
+    the frame (0 <= l - M + m < n_lines), else 0."""
+    rows = np.arange(n_lines)[:, None] - M + np.arange(2 * M + 1)[None, :]
+    return ((rows >= 0) & (rows < n_lines)).astype(np.float64)
 
 
 def line_spacing_mm(probe) -> np.ndarray:

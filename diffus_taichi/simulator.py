@@ -223,6 +223,8 @@ class Simulator:
         ge = g and not (self.tape_fused and self.echo_model == "primary")   # forward_tape: no env
         self.iq_i, self.iq_q, self.env, self.bmode = (ti.field(real, shape=(NR, NS), needs_grad=x)
                                                       for x in (g, g, ge, g))
+        self._march_t = ti.Vector.field(3, real, shape=(NR, NS),   # fused.march_passes'
+                                        layout=ti.Layout.SOA)      # scratch
         ti_, tq = image.axial_taps(p)
         self.K = (len(ti_) - 1) // 2
         self.taps_i = ti.field(real, shape=len(ti_))
@@ -230,6 +232,7 @@ class Simulator:
         lw = image.lateral_weights(p)
         self.M = (lw.shape[1] - 1) // 2
         self.lat_w = ti.field(real, shape=lw.shape)
+        self.lat_mask = ti.field(real, shape=(p.n_lines, lw.shape[1]))   # fused.lateral_line
         self._taps = (ti_, tq, lw)
         self.sc_base = ti.Vector.field(2, ti.i32, shape=(H, W))
         self.sc_frac = ti.Vector.field(2, real, shape=(H, W))
@@ -257,7 +260,8 @@ class Simulator:
         self.scat_q, self.rf_q = f2(), f2(gs)
         self.env_mean = f2(gs)            # used by speckle='mean' only
         if fused and g:                   # adjoint scratch of tape_fused.lateral_envelope_log
-            self._gli, self._glq = f2(False), f2(False)
+            self._gli, self._glq = f2(False), f2(False)      # (and of echo_iq on CPU)
+            self._gacc = f2(False)
         # scatterer-sum Jacobians that the march's forward keeps for its backward under a Tape
         # (14 partials and the plane's scattering strength per sample and elevation plane,
         # march.march's jac; one array per component, so that the loops over samples that
@@ -281,9 +285,10 @@ class Simulator:
         o, d = p.line_geometry()
         ti_, tq, lw = self._taps
         base, frac = scan.scan_lookup(p)
-        fields = [self.line_o, self.line_d, self.taps_i, self.taps_q, self.lat_w, self.sc_base,
-                  self.sc_frac, self.elev_off, self.elev_w]
-        arrays = [o, d, ti_, tq, lw, base, frac, *self._imaging_arrays]
+        fields = [self.line_o, self.line_d, self.taps_i, self.taps_q, self.lat_w, self.lat_mask,
+                  self.sc_base, self.sc_frac, self.elev_off, self.elev_w]
+        arrays = [o, d, ti_, tq, lw, image.lateral_frame_mask(p.n_lines, self.M), base, frac,
+                  *self._imaging_arrays]
         if self._shared is None:
             A = v.world_to_voxel
             A[:3, 3] -= self.props_origin          # indices of the (cropped) props grid
@@ -473,7 +478,8 @@ class Simulator:
                             self._k2h(), self.elev_off, self.elev_w, self._n_elev,
                             fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
                             self.iq_i, self.iq_q, self.env,   # env: scratch (gain x strength, 'mean')
-                            backend.ray_loop_pad(self.iq_i.shape[0]))
+                            backend.ray_loop_pad(self.iq_i.shape[0]), self.bmode, self.env,
+                            self._march_t, backend.current()[0] == "cpu")  # scratch on CPU
         self._pose_stale = False                 # the kernel wrote the pose/seeds fields
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         if out is None:
@@ -487,10 +493,11 @@ class Simulator:
                              f"{np.dtype(self._np_real)} array, got {out.shape} {out.dtype}")
         else:
             with_out = True
-        fused.bmode_fan(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines, mode == "mean",
-                        self.env, self._speckle_field(mode), s.gain_db, tgc, s.dynamic_range_db,
-                        self.bmode, backend.lateral_loop_pad(self.bmode.shape[1] * self.batch),
-                        self.sc_base, self.sc_frac, self.fan, out, with_out)
+        fused.bmode_fan(self.iq_i, self.iq_q, self.lat_w, self.lat_mask, self.M, p.n_lines,
+                        mode == "mean", self.env, self._speckle_field(mode), s.gain_db, tgc,
+                        s.dynamic_range_db, self.bmode,
+                        backend.lateral_loop_pad(self.bmode.shape[0]), self.sc_base,
+                        self.sc_frac, self.fan, out, with_out)
 
     def _march_jac(self):
         """march.march's jac: the Jacobian field under a Tape (gradient Simulators), else None."""
@@ -557,16 +564,19 @@ class Simulator:
                     self.elev_off, self.elev_w, self._n_elev, mode == "coherent",
                     self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad, self._march_jac())
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
+        gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)
+        cpu = backend.current()[0] == "cpu"      # gli, glq: also echo_iq's scratch on CPU
+        acc = getattr(self, "_gacc", self.echo)
         tape_fused.echo_iq(self.z, self.alpha, self.scat, self.scat_q, self.cosw, np_step,
                            self.taps_i, self.taps_q, self.K, fused.SPECKLE_MODES[mode], self.gain,
-                           self.iq_i, self.iq_q, pad)
+                           self.iq_i, self.iq_q, pad, *((gli, glq, acc) if cpu else (None,) * 3))
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
-        gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)
-        tape_fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.M, p.n_lines,
-                                        mode == "mean", self.gain, self.scat,
+        tape_fused.lateral_envelope_log(self.iq_i, self.iq_q, self.lat_w, self.lat_mask, self.M,
+                                        p.n_lines, mode == "mean", self.gain, self.scat,
                                         self._speckle_field(mode),
                                         s.gain_db, tgc, s.dynamic_range_db, self.lat_i,
-                                        self.lat_q, gli, glq, self.bmode)
+                                        self.lat_q, gli, glq, self.bmode,
+                                        backend.lateral_loop_pad(self.bmode.shape[0]))
         adj = getattr(self, "_scan_adj", None)
         if adj is None:
             scan.scan_convert(self.bmode, self.sc_base, self.sc_frac, self.fan)

@@ -302,27 +302,29 @@ def test_padded_ray_loops_equal_plain_ones(cpu32):
     sim._rays()
     p, s = sim.probe, sim.settings
     np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
-    out = []
-    for pad in (1, 7):
+    out = []      # also split into passes over the samples (march_passes, the CPU form)
+    for pad, split in ((1, False), (7, False), (1, True), (7, True)):
         fused.march_echo_iq(sim._pose_host, sim._seeds_host, sim.pose, sim.seeds, sim.line_o,
                             sim.line_d, sim.w2v, sim.props, sim.outside, sim.vo, sim.vd, sim.ro,
                             sim.rd, sim.ey, sim.eyv, sim.gradT, p.sample_spacing_mm,
                             1.0 / s.noise_cell_mm, sim._k2h(), sim.elev_off, sim.elev_w,
                             sim._n_elev, 0,
                             np_step, sim.taps_i, sim.taps_q, sim.K, sim.iq_i, sim.iq_q, sim.env,
-                            pad)
+                            pad, sim.bmode, sim.env, sim._march_t, split)
         out.append(np.stack([sim.iq_i.to_numpy(), sim.iq_q.to_numpy()]))
     assert np.abs(out[0]).max() > 0
-    np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-6 * np.abs(out[0]).max())
-    # the lateral sum: one thread per output (pad 0, GPU) or a sliding window per (frame,
-    # sample) (pad >= 1, CPU); also with the 'mean' term
+    for o in out[1:]:
+        np.testing.assert_allclose(o, out[0], rtol=0, atol=1e-6 * np.abs(out[0]).max())
+    # the lateral sum: one thread per output (pad 0, GPU) or one task per line with a loop
+    # over samples (pad >= 1, CPU); also with the 'mean' term
     tgc = sim.tgc_db_per_cm * p.sample_spacing_mm / 10.0
     sim.env.from_numpy(np.abs(sim.iq_q.to_numpy()))       # some incoherent term
     for mean in (False, True):
         lines = []
         for pad in (0, 1, 3):
             fan = np.full(tuple(sim.fan.shape), -1.0, sim._np_real)
-            fused.bmode_fan(sim.iq_i, sim.iq_q, sim.lat_w, sim.M, p.n_lines, mean, sim.env,
+            fused.bmode_fan(sim.iq_i, sim.iq_q, sim.lat_w, sim.lat_mask, sim.M, p.n_lines,
+                            mean, sim.env,
                             sim._speckle_power(), s.gain_db, tgc, s.dynamic_range_db, sim.bmode,
                             pad,
                             sim.sc_base, sim.sc_frac, sim.fan, fan, True)
