@@ -111,13 +111,13 @@ def pulse_at(rf_i: ti.template(), rf_q: ti.template(), tpi, tpq, K: ti.template(
 def pulse_line(rf_i: ti.template(), rf_q: ti.template(), tpi, tpq, K: ti.template(),
                cplx: ti.template(), r, iq_i: ti.template(), iq_q: ti.template()):
     """iq[r, s0] = :func:`pulse_at` for every sample s0 of line r: the inner samples in a loop
-    without loop-carried state (LLVM vectorises it), then the K at each end."""
+    without loop-carried state (LLVM vectorises it), then the K at each end (lines of at least
+    2K samples)."""
     S = iq_i.shape[1]
     for s0 in range(K, S - K):
         iq_i[r, s0], iq_q[r, s0] = pulse_at(rf_i, rf_q, tpi, tpq, K, cplx, r, s0, False)
-    for e in range(ti.min(K, S)):
-        iq_i[r, e], iq_q[r, e] = pulse_at(rf_i, rf_q, tpi, tpq, K, cplx, r, e, True)
-    for s0 in range(ti.max(K, S - K), S):
+    for e in range(ti.min(2 * K, S)):          # samples 0 .. K - 1 and S - K .. S - 1
+        s0 = e if e < K else S - 2 * K + e
         iq_i[r, s0], iq_q[r, s0] = pulse_at(rf_i, rf_q, tpi, tpq, K, cplx, r, s0, True)
 
 
@@ -419,34 +419,27 @@ def lateral_lines(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template()
         if rr % pad != 0:
             continue
         r = rr // pad
-        mk = line_mask(lat_mask, M, n_lines, r)
-        if M <= r < bmode.shape[0] - M:
-            lateral_line(iq_i, iq_q, lat_w, mk, M, r, mean, d_a, d_b, c, gain_db,
-                         tgc_db_per_sample, dynamic_range_db, bmode, li, lq, False)
-        else:                                    # first and last M rays of the field
-            lateral_line(iq_i, iq_q, lat_w, mk, M, r, mean, d_a, d_b, c, gain_db,
-                         tgc_db_per_sample, dynamic_range_db, bmode, li, lq, True)
+        lateral_line(iq_i, iq_q, lat_w, line_mask(lat_mask, M, n_lines, r), M, r, mean, d_a,
+                     d_b, c, gain_db, tgc_db_per_sample, dynamic_range_db, bmode, li, lq)
 
 
 @ti.func
 def lateral_line(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(), mk,
                  M: ti.template(), r, mean: ti.template(), d_a: ti.template(),
                  d_b: ti.template(), c: ti.template(), gain_db, tgc_db_per_sample,
-                 dynamic_range_db, bmode: ti.template(), li: ti.template(), lq: ti.template(),
-                 clamp: ti.template()):
+                 dynamic_range_db, bmode: ti.template(), li: ti.template(), lq: ti.template()):
     """bmode[r, s] of every sample s of line r: lateral sum of mk[m] lat_w[s, m] iq[r - M + m, s]
-    over m (mk from :func:`line_mask`; rows at fixed offsets, so the loop has no loop-carried
-    state and vectorises), then :func:`bmode_value`. clamp (static): rows clamped to the field
-    (for the first and last M rays: the rows past it have weight 0)."""
+    over m (mk from :func:`line_mask`), then :func:`bmode_value`. The rows are fixed for the
+    line (clamped to the field: the rows past it have weight 0), so the loop has no
+    loop-carried state and vectorises."""
+    rows = ti.Vector([ti.min(ti.max(r - M + m, 0), bmode.shape[0] - 1)
+                      for m in ti.static(range(2 * M + 1))])
     for s in range(bmode.shape[1]):
         ai, aq = 0.0, 0.0
         for m in ti.static(range(2 * M + 1)):
-            row = r - M + m
-            if ti.static(clamp):
-                row = ti.min(ti.max(row, 0), bmode.shape[0] - 1)
             w = mk[m] * lat_w[s, m]
-            ai += w * iq_i[row, s]
-            aq += w * iq_q[row, s]
+            ai += w * iq_i[rows[m], s]
+            aq += w * iq_q[rows[m], s]
         if ti.static(_given(li)):
             li[r, s], lq[r, s] = ai, aq
         d, cs = 0.0, 0.0

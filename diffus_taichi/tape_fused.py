@@ -153,9 +153,8 @@ def _pulse_adjoint_line(iq_i: ti.template(), iq_q: ti.template(), tpi, tpq, K: t
     S = iq_i.shape[1]
     for s in range(K, S - K):
         grf[r, s], grfq[r, s] = _pulse_adjoint_at(iq_i, iq_q, tpi, tpq, K, cplx, r, s, False)
-    for e in range(ti.min(K, S)):
-        grf[r, e], grfq[r, e] = _pulse_adjoint_at(iq_i, iq_q, tpi, tpq, K, cplx, r, e, True)
-    for s in range(ti.max(K, S - K), S):
+    for e in range(ti.min(2 * K, S)):          # samples 0 .. K - 1 and S - K .. S - 1
+        s = e if e < K else S - 2 * K + e
         grf[r, s], grfq[r, s] = _pulse_adjoint_at(iq_i, iq_q, tpi, tpq, K, cplx, r, s, True)
 
 
@@ -398,21 +397,19 @@ def _lel_sample_adjoint(iq_i: ti.template(), iq_q: ti.template(), mean: ti.templ
 
 @ti.func
 def _lateral_transpose_line(gl_i: ti.template(), gl_q: ti.template(), lat_w: ti.template(), mk,
-                            M: ti.template(), j, iq_i: ti.template(), iq_q: ti.template(),
-                            clamp: ti.template()):
+                            M: ti.template(), j, iq_i: ti.template(), iq_q: ti.template()):
     """iq.grad[j, s] += lateral_at_transpose of every sample s of line j: sum over u of
     mk[u] lat_w[s, 2M - u] gl[j - M + u, s] (u = M - m, summed in lateral_at_transpose's
-    order), mk = fused.line_mask of j; a loop over samples that vectorises (rows clamped to
-    the field with clamp, static)."""
+    order), mk = fused.line_mask of j; a loop over samples that vectorises (rows fixed for the
+    line, clamped to the field: the rows past it have weight 0)."""
+    rows = ti.Vector([ti.min(ti.max(j - M + u, 0), gl_i.shape[0] - 1)
+                      for u in ti.static(range(2 * M + 1))])
     for s in range(gl_i.shape[1]):
         gi, gq = 0.0, 0.0
         for u in ti.static(range(2 * M, -1, -1)):
-            row = j - M + u
-            if ti.static(clamp):
-                row = ti.min(ti.max(row, 0), gl_i.shape[0] - 1)
             w = mk[u] * lat_w[s, 2 * M - u]
-            gi += w * gl_i[row, s]
-            gq += w * gl_q[row, s]
+            gi += w * gl_i[rows[u], s]
+            gq += w * gl_q[rows[u], s]
         iq_i.grad[j, s] = iq_i.grad[j, s] + gi
         iq_q.grad[j, s] = iq_q.grad[j, s] + gq
 
@@ -445,11 +442,8 @@ def _lel_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
             if jj % pad != 0:
                 continue
             j = jj // pad
-            mk = line_mask(lat_mask, M, n_lines, j)
-            if M <= j < bmode.shape[0] - M:
-                _lateral_transpose_line(gli, glq, lat_w, mk, M, j, iq_i, iq_q, False)
-            else:
-                _lateral_transpose_line(gli, glq, lat_w, mk, M, j, iq_i, iq_q, True)
+            _lateral_transpose_line(gli, glq, lat_w, line_mask(lat_mask, M, n_lines, j), M, j,
+                                    iq_i, iq_q)
 
 
 @ti.ad.grad_replaced
