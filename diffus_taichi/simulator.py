@@ -479,7 +479,7 @@ class Simulator:
                             fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
                             self.iq_i, self.iq_q, self.env,   # env: scratch (gain x strength, 'mean')
                             backend.ray_loop_pad(self.iq_i.shape[0]), self.bmode, self.env,
-                            self._march_t, backend.current()[0] == "cpu")  # scratch on CPU
+                            self._march_t, self.arch == "cpu")    # scratch on CPU
         self._pose_stale = False                 # the kernel wrote the pose/seeds fields
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         if out is None:
@@ -565,7 +565,7 @@ class Simulator:
                     self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad, self._march_jac())
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)
-        cpu = backend.current()[0] == "cpu"      # gli, glq: also echo_iq's scratch on CPU
+        cpu = self.arch == "cpu"                 # gli, glq: also echo_iq's scratch on CPU
         acc = getattr(self, "_gacc", self.echo)
         tape_fused.echo_iq(self.z, self.alpha, self.scat, self.scat_q, self.cosw, np_step,
                            self.taps_i, self.taps_q, self.K, fused.SPECKLE_MODES[mode], self.gain,
