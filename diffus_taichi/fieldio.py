@@ -16,6 +16,8 @@ from taichi.lang.expr import Expr
 from taichi.lang.field import ScalarField
 from taichi.lang.matrix import MatrixField
 
+from .launch import fast_call
+
 _INT_TYPES = (ti.i8, ti.i16, ti.i32, ti.i64, ti.u8, ti.u16, ti.u32, ti.u64)
 
 
@@ -141,6 +143,7 @@ def _clear_groups(groups: ti.template(), shapes: ti.template()):
 
 
 _GROUPS_MEMO: dict = {}
+_CLEAR_ARGS: dict = {}           # id(groups) -> (groups, places by shape, shapes)
 
 
 def _grad_groups() -> tuple:
@@ -189,7 +192,13 @@ def clear_all_gradients() -> None:
         ti.ad.clear_all_gradients()
         return
     if groups:
-        by_shape: dict = {}               # one loop (one task) per shape, not per SNode
-        for g in groups:
-            by_shape.setdefault(tuple(ScalarField(Expr(g[0])).shape), []).extend(g)
-        _clear_groups(tuple(tuple(v) for v in by_shape.values()), tuple(by_shape))
+        args = _CLEAR_ARGS.get(id(groups))
+        if args is None or args[0] is not groups:
+            by_shape: dict = {}           # one loop (one task) per shape, not per SNode
+            for g in groups:
+                by_shape.setdefault(tuple(ScalarField(Expr(g[0])).shape), []).extend(g)
+            args = (groups, tuple(tuple(v) for v in by_shape.values()), tuple(by_shape))
+            if len(_CLEAR_ARGS) > 64:
+                _CLEAR_ARGS.clear()
+            _CLEAR_ARGS[id(groups)] = args
+        fast_call(_clear_groups, *args[1:])   # the same tuples each time: fast_call's key

@@ -5,7 +5,8 @@ compile-time (``ti.static``) tap loops. The two stencils (axial, lateral) have h
 backward kernels in gather form (their automatic backward scatters with atomics, ~20x slower on
 CPU); the rest use Taichi's automatic gradient, exact on every backend.
 
-Shapes: every field is (n_lines, n_samples); ``taps_i/taps_q`` (2K+1,), ``lat_w`` (n_samples, 2M+1).
+Shapes: every field is (n_lines, n_samples); ``taps_i/taps_q`` (2K+1,), ``lat_w`` (2M+1, n_samples)
+(the field; :func:`lateral_weights` returns its transpose).
 """
 
 import math
@@ -123,13 +124,13 @@ def _axial_iq_grad(rf, rf_q, taps_i, taps_q, K, cplx, iq_i, iq_q):
 @ti.func
 def lateral_at(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
                M: ti.template(), n_lines, r, s):
-    """Lateral beam sum (I, Q) at line r, sample s: lat_w[s, m + M] iq[r + m, s] summed over
+    """Lateral beam sum (I, Q) at line r, sample s: lat_w[m + M, s] iq[r + m, s] summed over
     |m| <= M, lines of the same frame only (rays r = b n_lines + l)."""
     lr = r % n_lines
     ai, aq = 0.0, 0.0
     for m in ti.static(range(-M, M + 1)):
         if 0 <= lr + m < n_lines:
-            w = lat_w[s, m + M]
+            w = lat_w[m + M, s]
             ai += w * iq_i[r + m, s]
             aq += w * iq_q[r + m, s]
     return ai, aq
@@ -139,12 +140,12 @@ def lateral_at(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
 def lateral_at_transpose(gl_i: ti.template(), gl_q: ti.template(), lat_w: ti.template(),
                          M: ti.template(), n_lines, j, s):
     """Transpose of :func:`lateral_at` as a gather (no atomics): sum over |m| <= M of
-    lat_w[s, m + M] gl[j - m, s], lines of the same frame only."""
+    lat_w[m + M, s] gl[j - m, s], lines of the same frame only."""
     lj = j % n_lines
     gi, gq = 0.0, 0.0
     for m in ti.static(range(-M, M + 1)):
         if 0 <= lj - m < n_lines:
-            w = lat_w[s, m + M]
+            w = lat_w[m + M, s]
             gi += w * gl_i[j - m, s]
             gq += w * gl_q[j - m, s]
     return gi, gq
@@ -160,7 +161,7 @@ def _lateral_sum(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
 @ti.kernel
 def _lateral_sum_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
                      M: ti.template(), n_lines: ti.i32, li: ti.template(), lq: ti.template()):
-    """Transpose stencil as a gather: iq.grad[j, s] = sum_m w[s, m] l.grad[j - m, s]."""
+    """Transpose stencil as a gather: iq.grad[j, s] = sum_m w[m, s] l.grad[j - m, s]."""
     for j, s in li:
         gi, gq = lateral_at_transpose(li.grad, lq.grad, lat_w, M, n_lines, j, s)
         iq_i.grad[j, s] += gi
@@ -169,7 +170,7 @@ def _lateral_sum_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.templat
 
 @ti.ad.grad_replaced
 def lateral_sum(iq_i, iq_q, lat_w, M, n_lines, li, lq):
-    """Coherent lateral beam sum across the lines of each frame (weights lat_w[s, m], depth
+    """Coherent lateral beam sum across the lines of each frame (weights lat_w[m, s], depth
     dependent; rays r = b n_lines + l)."""
     _lateral_sum(iq_i, iq_q, lat_w, M, n_lines, li, lq)
 

@@ -14,6 +14,8 @@ Target statistics are precomputed once in NumPy; only terms that depend on ``a``
 import numpy as np
 import taichi as ti
 
+from .launch import fast_call
+
 LOSSES = ("mse", "ncc", "lncc", "lc2")
 EPS = 1e-12
 
@@ -150,12 +152,12 @@ def ncc(a, m, bc, inv_n, var_b, rows, st, loss):
     """loss += 1 - NCC(a, target) over the mask m (H, W); bc = m (target - mean), var_b its
     variance, inv_n = 1 / sum m; rows (H, 3), st (8,): scratch (no gradient). Hand-written
     adjoint (one parallel pass) instead of the automatic ones of the staged kernels."""
-    _ncc_fwd(a, m, bc, float(inv_n), float(var_b), rows, st, loss)
+    fast_call(_ncc_fwd, a, m, bc, float(inv_n), float(var_b), rows, st, loss)
 
 
 @ti.ad.grad_for(ncc)
 def _ncc_grad(a, m, bc, inv_n, var_b, rows, st, loss):
-    _ncc_bwd(a, m, bc, float(inv_n), float(var_b), rows, st, loss)
+    fast_call(_ncc_bwd, a, m, bc, float(inv_n), float(var_b), rows, st, loss)
 
 
 @ti.kernel

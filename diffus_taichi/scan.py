@@ -7,6 +7,8 @@ are computed once (:meth:`Probe.scan_grid`).
 import numpy as np
 import taichi as ti
 
+from .launch import fast_call
+
 
 def scan_lookup(probe) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 2) int32 base (line, sample) with -1 outside the fan, and (H, W, 2) fractions."""
@@ -105,12 +107,12 @@ def _scan_convert_bwd(bmode: ti.template(), fan: ti.template(), off: ti.template
 def scan_convert_ad(bmode, base, frac, fan, adj):
     """:func:`scan_convert` (B = 1) with a hand-written adjoint (gather with the
     :class:`ScanAdjoint` adj; the automatic one scatters with atomics, ~3x slower on CPU)."""
-    scan_convert(bmode, base, frac, fan)
+    fast_call(scan_convert, bmode, base, frac, fan)
 
 
 @ti.ad.grad_for(scan_convert_ad)
 def _scan_convert_ad_grad(bmode, base, frac, fan, adj):
-    _scan_convert_bwd(bmode, fan, adj.off, adj.pix, adj.w)
+    fast_call(_scan_convert_bwd, bmode, fan, adj.off, adj.pix, adj.w)
 
 
 @ti.kernel

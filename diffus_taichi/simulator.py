@@ -26,6 +26,7 @@ import taichi as ti
 from . import backend, echo, fused, image, march, property_volume, rays, scan
 from .acoustics import AcousticMapping, get_mapping
 from .fieldio import Uploader, clear_all_gradients
+from .launch import fast_call
 from .pose import Pose
 from .probe import Probe, get_probe
 from .volume import Volume, load_volume
@@ -225,13 +226,15 @@ class Simulator:
                                                       for x in (g, g, ge, g))
         self._march_t = ti.Vector.field(3, real, shape=(NR, NS),   # fused.march_passes'
                                         layout=ti.Layout.SOA)      # scratch
+        # fused.lateral_line's Q sums (CPU; the I sums go into bmode)
+        self._lat_q = ti.field(real, shape=(NR, NS)) if self.arch == "cpu" else self.bmode
         ti_, tq = image.axial_taps(p)
         self.K = (len(ti_) - 1) // 2
         self.taps_i = ti.field(real, shape=len(ti_))
         self.taps_q = ti.field(real, shape=len(tq))
         lw = image.lateral_weights(p)
         self.M = (lw.shape[1] - 1) // 2
-        self.lat_w = ti.field(real, shape=lw.shape)
+        self.lat_w = ti.field(real, shape=lw.T.shape)   # (2M+1, S): contiguous along samples
         self.lat_mask = ti.field(real, shape=(p.n_lines, lw.shape[1]))   # fused.lateral_line
         self._taps = (ti_, tq, lw)
         self.sc_base = ti.Vector.field(2, ti.i32, shape=(H, W))
@@ -287,7 +290,7 @@ class Simulator:
         base, frac = scan.scan_lookup(p)
         fields = [self.line_o, self.line_d, self.taps_i, self.taps_q, self.lat_w, self.lat_mask,
                   self.sc_base, self.sc_frac, self.elev_off, self.elev_w]
-        arrays = [o, d, ti_, tq, lw, image.lateral_frame_mask(p.n_lines, self.M), base, frac,
+        arrays = [o, d, ti_, tq, lw.T, image.lateral_frame_mask(p.n_lines, self.M), base, frac,
                   *self._imaging_arrays]
         if self._shared is None:
             A = v.world_to_voxel
@@ -471,15 +474,15 @@ class Simulator:
         p, s = self.probe, self.settings
         mode = self.speckle_mode
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
-        fused.march_echo_iq(self._pose_host, self._seeds_host, self._pose_field,
-                            self._seeds_field, self.line_o, self.line_d, self.w2v, self.props,
-                            self.outside, self.vo, self.vd, self.ro, self.rd, self.ey,
-                            self.eyv, self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm,
-                            self._k2h(), self.elev_off, self.elev_w, self._n_elev,
-                            fused.SPECKLE_MODES[mode], np_step, self.taps_i, self.taps_q, self.K,
-                            self.iq_i, self.iq_q, self.env,   # env: scratch (gain x strength, 'mean')
-                            backend.ray_loop_pad(self.iq_i.shape[0]), self.bmode, self.env,
-                            self._march_t, self.arch == "cpu")    # scratch on CPU
+        fast_call(fused.march_echo_iq, self._pose_host, self._seeds_host, self._pose_field,
+                  self._seeds_field, self.line_o, self.line_d, self.w2v, self.props,
+                  self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
+                  self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(),
+                  self.elev_off, self.elev_w, self._n_elev, fused.SPECKLE_MODES[mode], np_step,
+                  self.taps_i, self.taps_q, self.K, self.iq_i, self.iq_q,
+                  self.env,                      # env: scratch (gain x strength, 'mean')
+                  backend.ray_loop_pad(self.iq_i.shape[0]), self.bmode, self.env,
+                  self._march_t, self.arch == "cpu")    # scratch on CPU
         self._pose_stale = False                 # the kernel wrote the pose/seeds fields
         tgc = self.tgc_db_per_cm * p.sample_spacing_mm / 10.0
         if out is None:
@@ -493,11 +496,14 @@ class Simulator:
                              f"{np.dtype(self._np_real)} array, got {out.shape} {out.dtype}")
         else:
             with_out = True
-        fused.bmode_fan(self.iq_i, self.iq_q, self.lat_w, self.lat_mask, self.M, p.n_lines,
-                        mode == "mean", self.env, self._speckle_field(mode), s.gain_db, tgc,
-                        s.dynamic_range_db, self.bmode,
-                        backend.lateral_loop_pad(self.bmode.shape[0]), self.sc_base,
-                        self.sc_frac, self.fan, out, with_out)
+        fast_call(fused.bmode_fan, self.iq_i, self.iq_q, self.lat_w, self.lat_mask, self.M,
+                  p.n_lines, mode == "mean", self.env, self._speckle_field(mode), s.gain_db, tgc,
+                  s.dynamic_range_db, self.bmode, backend.lateral_loop_pad(self.bmode.shape[0]),
+                  self.sc_base, self.sc_frac, self.fan, out, with_out, self._lat_q)
+
+    def _march_gsc(self):
+        """march.march's gsc: the fused march's scratch on CPU (loops that vectorise), else None."""
+        return self._march_t if self.arch == "cpu" else None
 
     def _march_jac(self):
         """march.march's jac: the Jacobian field under a Tape (gradient Simulators), else None."""
@@ -519,7 +525,7 @@ class Simulator:
                     self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,
                     self.elev_off, self.elev_w, self._n_elev, coherent,
                     self.z, self.alpha, self.scat, self.scat_q, self.cosw,
-                    backend.ray_loop_pad(self.z.shape[0]), self._march_jac())
+                    backend.ray_loop_pad(self.z.shape[0]), self._march_jac(), self._march_gsc())
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         echo.step_terms(self.z, self.alpha, np_step, self.logt, self.att2)
         spec = self.echo
@@ -562,7 +568,8 @@ class Simulator:
         march.march(self.props, self.outside, self.vo, self.vd, self.ro, self.rd, self.ey, self.eyv,
                     self.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, self._k2h(), self.seeds,
                     self.elev_off, self.elev_w, self._n_elev, mode == "coherent",
-                    self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad, self._march_jac())
+                    self.z, self.alpha, self.scat, self.scat_q, self.cosw, pad, self._march_jac(),
+                    self._march_gsc())
         np_step = echo.NEPER_PER_DB * p.frequency_mhz * p.sample_spacing_mm / 10.0
         gli, glq = (self._gli, self._glq) if hasattr(self, "_gli") else (self.rf, self.rf_q)
         cpu = self.arch == "cpu"                 # gli, glq: also echo_iq's scratch on CPU

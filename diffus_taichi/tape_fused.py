@@ -28,6 +28,7 @@ from .echo import Z_REF, refl
 from .fused import (_given, bmode_value, lateral_lines, line_mask, pulse, pulse_line,
                     shift_in, tap_registers)
 from .image import DB_PER_NEPER, lateral_at, lateral_at_transpose
+from .launch import fast_call
 from .vecmath import exp_real, log_real
 
 
@@ -336,15 +337,15 @@ def echo_iq(z, alpha, scat, scat_q, cosw, np_step, taps_i, taps_q, K, mode, gain
     (scat, scat_q not read, rf_q = 0); pad: ray loop stride (backend.ray_loop_pad).
     rf_i, rf_q, acc (rays, samples, no gradient; CPU): scratch of the loops over samples that
     vectorise (None: one serial loop per ray, as on GPU backends)."""
-    _echo_iq_fwd(z, alpha, scat, scat_q, cosw, float(np_step), taps_i, taps_q, K, mode, gain,
-                 iq_i, iq_q, pad, rf_i, rf_q)
+    fast_call(_echo_iq_fwd, z, alpha, scat, scat_q, cosw, float(np_step), taps_i, taps_q, K,
+              mode, gain, iq_i, iq_q, pad, rf_i, rf_q)
 
 
 @ti.ad.grad_for(echo_iq)
 def _echo_iq_grad(z, alpha, scat, scat_q, cosw, np_step, taps_i, taps_q, K, mode, gain, iq_i,
                   iq_q, pad=1, rf_i=None, rf_q=None, acc=None):
-    _echo_iq_bwd(z, alpha, scat, scat_q, cosw, float(np_step), taps_i, taps_q, K, mode, gain,
-                 iq_i, iq_q, pad, rf_i, rf_q, acc)
+    fast_call(_echo_iq_bwd, z, alpha, scat, scat_q, cosw, float(np_step), taps_i, taps_q, K,
+              mode, gain, iq_i, iq_q, pad, rf_i, rf_q, acc)
 
 
 @ti.kernel
@@ -396,22 +397,23 @@ def _lel_sample_adjoint(iq_i: ti.template(), iq_q: ti.template(), mean: ti.templ
 
 
 @ti.func
-def _lateral_transpose_line(gl_i: ti.template(), gl_q: ti.template(), lat_w: ti.template(), mk,
-                            M: ti.template(), j, iq_i: ti.template(), iq_q: ti.template()):
-    """iq.grad[j, s] += lateral_at_transpose of every sample s of line j: sum over u of
-    mk[u] lat_w[s, 2M - u] gl[j - M + u, s] (u = M - m, summed in lateral_at_transpose's
-    order), mk = fused.line_mask of j; a loop over samples that vectorises (rows fixed for the
-    line, clamped to the field: the rows past it have weight 0)."""
-    rows = ti.Vector([ti.min(ti.max(j - M + u, 0), gl_i.shape[0] - 1)
-                      for u in ti.static(range(2 * M + 1))])
-    for s in range(gl_i.shape[1]):
-        gi, gq = 0.0, 0.0
-        for u in ti.static(range(2 * M, -1, -1)):
-            w = mk[u] * lat_w[s, 2 * M - u]
-            gi += w * gl_i[rows[u], s]
-            gq += w * gl_q[rows[u], s]
-        iq_i.grad[j, s] = iq_i.grad[j, s] + gi
-        iq_q.grad[j, s] = iq_q.grad[j, s] + gq
+def _lateral_transpose_line(gl_i: ti.template(), gl_q: ti.template(), lat_w: ti.template(),
+                            lat_mask: ti.template(), M: ti.template(), n_lines: ti.template(), j,
+                            iq_i: ti.template(), iq_q: ti.template()):
+    """iq.grad[j, s] += lateral_at_transpose of every sample s of line j: the terms
+    mk[u] lat_w[2M - u, s] gl[j - M + u, s] (u = M - m, in lateral_at_transpose's order; mk =
+    lat_mask[j % n_lines, u], rows clamped to the field: the rows past it have weight 0) added
+    into iq.grad one window line at a time, a loop over the samples each (as
+    fused.lateral_line: faster than one loop over all 2M+1 rows).
+    The same sums as lateral_at_transpose's where iq.grad was zero before (the Tape clears it)."""
+    for v in range(2 * M + 1):
+        u = 2 * M - v
+        row = ti.min(ti.max(j - M + u, 0), gl_i.shape[0] - 1)
+        mk = lat_mask[j % n_lines, u]
+        for s in range(gl_i.shape[1]):
+            w = mk * lat_w[2 * M - u, s]
+            iq_i.grad[j, s] = iq_i.grad[j, s] + w * gl_i[row, s]
+            iq_q.grad[j, s] = iq_q.grad[j, s] + w * gl_q[row, s]
 
 
 @ti.kernel
@@ -442,24 +444,23 @@ def _lel_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
             if jj % pad != 0:
                 continue
             j = jj // pad
-            _lateral_transpose_line(gli, glq, lat_w, line_mask(lat_mask, M, n_lines, j), M, j,
-                                    iq_i, iq_q)
+            _lateral_transpose_line(gli, glq, lat_w, lat_mask, M, n_lines, j, iq_i, iq_q)
 
 
 @ti.ad.grad_replaced
 def lateral_envelope_log(iq_i, iq_q, lat_w, lat_mask, M, n_lines, mean, gain, strength, c,
                          gain_db, tgc, dr, li, lq, gli, glq, bmode, pad=0):
     """B-mode lines bmode (rays, samples) in [0, 1] from the axial I/Q: lateral sum with
-    lat_w[s, m] over the n_lines (static) lines of each frame (kept in li, lq), envelope, with
+    lat_w[m, s] over the n_lines (static) lines of each frame (kept in li, lq), envelope, with
     ``mean`` (static) sqrt(env^2 + c[s] (gain strength)^2), then
     clip((20 log10 env + gain_db + tgc s + dr) / dr, 0, 1) (dB, dB per sample).
     gli, glq (rays, samples): adjoint scratch (no gradient)."""
-    _lel_fwd(iq_i, iq_q, lat_w, lat_mask, M, int(n_lines), mean, gain, strength, c,
-             float(gain_db), float(tgc), float(dr), li, lq, gli, glq, bmode, pad)
+    fast_call(_lel_fwd, iq_i, iq_q, lat_w, lat_mask, M, int(n_lines), mean, gain, strength, c,
+              float(gain_db), float(tgc), float(dr), li, lq, gli, glq, bmode, pad)
 
 
 @ti.ad.grad_for(lateral_envelope_log)
 def _lateral_envelope_log_grad(iq_i, iq_q, lat_w, lat_mask, M, n_lines, mean, gain, strength, c,
                                gain_db, tgc, dr, li, lq, gli, glq, bmode, pad=0):
-    _lel_bwd(iq_i, iq_q, lat_w, lat_mask, M, int(n_lines), mean, gain, strength, c,
-             float(gain_db), float(tgc), float(dr), li, lq, gli, glq, bmode, pad)
+    fast_call(_lel_bwd, iq_i, iq_q, lat_w, lat_mask, M, int(n_lines), mean, gain, strength, c,
+              float(gain_db), float(tgc), float(dr), li, lq, gli, glq, bmode, pad)

@@ -327,7 +327,7 @@ def test_padded_ray_loops_equal_plain_ones(cpu32):
                             mean, sim.env,
                             sim._speckle_power(), s.gain_db, tgc, s.dynamic_range_db, sim.bmode,
                             pad,
-                            sim.sc_base, sim.sc_frac, sim.fan, fan, True)
+                            sim.sc_base, sim.sc_frac, sim.fan, fan, True, sim._lat_q)
             lines.append(sim.bmode.to_numpy())
             assert np.array_equal(fan, sim.fan.to_numpy())    # the ndarray copy of the fan
             scan.scan_convert(sim.bmode, sim.sc_base, sim.sc_frac, sim.fan)
@@ -337,10 +337,12 @@ def test_padded_ray_loops_equal_plain_ones(cpu32):
             np.testing.assert_allclose(b, lines[0], rtol=0, atol=2e-6)
     sim._alloc_staged()
     got = []
-    for pad in (1, 5):
+    for pad, gsc in ((1, None), (5, None), (1, sim._march_t), (5, sim._march_t)):
+        # gsc: the incidence angles in a loop of their own (CPU: it vectorises)
         march.march(sim.props, sim.outside, sim.vo, sim.vd, sim.ro, sim.rd, sim.ey, sim.eyv,
                     sim.gradT, p.sample_spacing_mm, 1.0 / s.noise_cell_mm, sim._k2h(), sim.seeds,
                     sim.elev_off, sim.elev_w, sim._n_elev, True, sim.z, sim.alpha, sim.scat,
-                    sim.scat_q, sim.cosw, pad)
+                    sim.scat_q, sim.cosw, pad, None, gsc)
         got.append(np.stack([f.to_numpy() for f in (sim.z, sim.alpha, sim.scat, sim.scat_q, sim.cosw)]))
-    np.testing.assert_allclose(got[1], got[0], rtol=0, atol=1e-6 * np.abs(got[0]).max())
+    for g in got[1:]:
+        np.testing.assert_allclose(g, got[0], rtol=0, atol=1e-6 * np.abs(got[0]).max())
