@@ -142,21 +142,22 @@ def _clear_groups(groups: ti.template(), shapes: ti.template()):
                     ScalarField(Expr(s))[I] = ti.cast(0, s.get_dt())
 
 
-_GROUPS_MEMO: dict = {}
-_CLEAR_ARGS: dict = {}           # id(groups) -> (groups, places by shape, shapes)
+_CLEAR_MEMO: dict = {}
 
 
-def _grad_groups() -> tuple:
-    """The adjoint places of every field with a gradient, grouped by parent SNode: exactly what
-    ``ti.ad.clear_all_gradients`` visits. Memoised on the program and the ids of the finalized
-    SNode-tree roots (a new or destroyed tree changes the key)."""
+def _clear_args() -> tuple:
+    """:func:`_clear_groups`' arguments (places by shape, shapes) for the adjoint places of every
+    field with a gradient (grouped by parent SNode: exactly what ``ti.ad.clear_all_gradients``
+    visits), or () if there are none. Memoised on the program and the ids of the finalized
+    SNode-tree roots (a new or destroyed tree changes the key); the same tuples each time, which
+    is launch.fast_call's key."""
     from taichi import _snode
     from taichi.lang.enums import SNodeGradType
     from taichi.lang.snode import SNode
 
     roots = _snode.FieldsBuilder._finalized_roots()
     key = (id(ti.lang.impl.get_runtime().prog), tuple(int(r.ptr.id) for r in roots))
-    got = _GROUPS_MEMO.get(key)
+    got = _CLEAR_MEMO.get(key)
     if got is not None:
         return got
     groups = []
@@ -174,9 +175,13 @@ def _grad_groups() -> tuple:
 
     for root in roots:
         visit(root)
-    if len(_GROUPS_MEMO) > 64:
-        _GROUPS_MEMO.clear()
-    got = _GROUPS_MEMO[key] = tuple(groups)
+    by_shape: dict = {}                   # one loop (one task) per shape, not per SNode
+    for g in groups:
+        by_shape.setdefault(tuple(ScalarField(Expr(g[0])).shape), []).extend(g)
+    if len(_CLEAR_MEMO) > 64:
+        _CLEAR_MEMO.clear()
+    got = _CLEAR_MEMO[key] = ((tuple(tuple(v) for v in by_shape.values()), tuple(by_shape))
+                              if by_shape else ())
     return got
 
 
@@ -187,18 +192,9 @@ def clear_all_gradients() -> None:
     ``ti.ad.Tape(loss, clear_gradients=False)``."""
     try:
         ti.lang.impl.get_runtime().materialize()
-        groups = _grad_groups()           # Taichi internals (pinned 1.7.4): fall back if absent
+        args = _clear_args()              # Taichi internals (pinned 1.7.4): fall back if absent
     except (AttributeError, ImportError):
         ti.ad.clear_all_gradients()
         return
-    if groups:
-        args = _CLEAR_ARGS.get(id(groups))
-        if args is None or args[0] is not groups:
-            by_shape: dict = {}           # one loop (one task) per shape, not per SNode
-            for g in groups:
-                by_shape.setdefault(tuple(ScalarField(Expr(g[0])).shape), []).extend(g)
-            args = (groups, tuple(tuple(v) for v in by_shape.values()), tuple(by_shape))
-            if len(_CLEAR_ARGS) > 64:
-                _CLEAR_ARGS.clear()
-            _CLEAR_ARGS[id(groups)] = args
-        fast_call(_clear_groups, *args[1:])   # the same tuples each time: fast_call's key
+    if args:
+        fast_call(_clear_groups, *args)

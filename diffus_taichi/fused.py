@@ -400,15 +400,6 @@ def _given(x) -> bool:
 
 
 @ti.func
-def line_mask(lat_mask: ti.template(), M: ti.template(), n_lines: ti.template(), r):
-    """Row r % n_lines of lat_mask (n_lines, 2M+1) as a vector: 1 where entry m of line r's
-    lateral window (line r - M + m) lies in its frame, else 0. (Also the field read that a
-    vectorised loop over samples needs before it: without one, LLVM reloads the root buffer's
-    address after every store and does not vectorise the loop.)"""
-    return ti.Vector([lat_mask[r % n_lines, m] for m in ti.static(range(2 * M + 1))])
-
-
-@ti.func
 def lateral_lines(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
                   lat_mask: ti.template(), M: ti.template(), n_lines: ti.template(),
                   mean: ti.template(), d_a: ti.template(), d_b: ti.template(),

@@ -718,6 +718,14 @@ def _has_grad(field) -> bool:
     return bool(field.snode.ptr.has_adjoint())
 
 
+def _scratch_args(noise_on, jac, gsc, placeholder):
+    """The kernels' (jac, use_jac, gsc, split) template arguments from march's optional jac /
+    gsc (a placeholder field where one is unused)."""
+    use = bool(noise_on) and jac is not None
+    return (jac if use else placeholder, use, placeholder if gsc is None else gsc,
+            gsc is not None)
+
+
 @ti.ad.grad_replaced
 def march(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
           elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1, jac=None,
@@ -737,21 +745,18 @@ def march(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, 
     that vectorise (:func:`_march_fwd`'s split; it holds the forward's index-space gradients
     until the backward has run, which overwrites them).
     """
-    use = bool(noise_on) and jac is not None
     fast_call(_march_fwd, props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm,
               k2h, seeds, elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad,
-              jac if use else scat, use, scat if gsc is None else gsc, gsc is not None)
+              *_scratch_args(noise_on, jac, gsc, scat))
 
 
 @ti.ad.grad_for(march)
 def _march_grad(props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm, k2h, seeds,
                 elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad=1,
                 jac=None, gsc=None):
-    use = bool(noise_on) and jac is not None
     fast_call(_march_bwd, props, outside, vo, vd, ro, rd, ey, eyv, gradT, step_mm, inv_cell_mm,
               k2h, seeds, elev_off, elev_w, n_elev, noise_on, z, alpha, scat, scat_q, cosw, pad,
-              jac if use else scat, use, scat if gsc is None else gsc, gsc is not None,
-              _has_grad(props))
+              *_scratch_args(noise_on, jac, gsc, scat), _has_grad(props))
 
 
 @ti.func

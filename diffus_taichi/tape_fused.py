@@ -25,8 +25,8 @@ No ``from __future__ import annotations`` here: the module holds Taichi kernels.
 import taichi as ti
 
 from .echo import Z_REF, refl
-from .fused import (_given, bmode_value, lateral_lines, line_mask, pulse, pulse_line,
-                    shift_in, tap_registers)
+from .fused import (_given, bmode_value, lateral_lines, pulse, pulse_line, shift_in,
+                    tap_registers)
 from .image import DB_PER_NEPER, lateral_at, lateral_at_transpose
 from .launch import fast_call
 from .vecmath import exp_real, log_real
@@ -373,7 +373,7 @@ def _lel_sample_adjoint(iq_i: ti.template(), iq_q: ti.template(), mean: ti.templ
                         glq: ti.template(), bmode: ti.template(), r, s, one):
     """Adjoint of log_compress, (add_incoherent) and envelope at sample (r, s): into gli, glq
     (and gain.grad, strength.grad for ``mean``). one: 1.0 (a field value on CPU: the read
-    before the loop over samples that lets it vectorise, see fused.line_mask)."""
+    before the loop over samples that lets it vectorise, see fused.lateral_line)."""
     b = bmode[r, s]
     gy = 0.0
     if 0.0 < b < 1.0:                  # unclipped (min/max pass the adjoint only strictly)
@@ -406,12 +406,12 @@ def _lateral_transpose_line(gl_i: ti.template(), gl_q: ti.template(), lat_w: ti.
     into iq.grad one window line at a time, a loop over the samples each (as
     fused.lateral_line: faster than one loop over all 2M+1 rows).
     The same sums as lateral_at_transpose's where iq.grad was zero before (the Tape clears it)."""
-    for v in range(2 * M + 1):
+    for v in range(2 * M + 1):                 # v = 2M - u: lat_w's row
         u = 2 * M - v
         row = ti.min(ti.max(j - M + u, 0), gl_i.shape[0] - 1)
         mk = lat_mask[j % n_lines, u]
         for s in range(gl_i.shape[1]):
-            w = mk * lat_w[2 * M - u, s]
+            w = mk * lat_w[v, s]
             iq_i.grad[j, s] = iq_i.grad[j, s] + w * gl_i[row, s]
             iq_q.grad[j, s] = iq_q.grad[j, s] + w * gl_q[row, s]
 
@@ -436,7 +436,7 @@ def _lel_bwd(iq_i: ti.template(), iq_q: ti.template(), lat_w: ti.template(),
             if rr % pad != 0:
                 continue
             r = rr // pad
-            one = line_mask(lat_mask, M, n_lines, r)[M]    # 1.0: the line itself
+            one = lat_mask[r % n_lines, M]    # 1.0: the line itself
             for s in range(bmode.shape[1]):
                 _lel_sample_adjoint(iq_i, iq_q, mean, gain, strength, c, dr, li, lq, gli, glq,
                                     bmode, r, s, one)
